@@ -1,0 +1,169 @@
+//! The admin API: `/api/routes`, `/api/containers`, `/healthz`, `/metrics` (JSON and
+//! Prometheus text, one request per connection).
+use std::{sync::{Arc, atomic::Ordering}, time::Duration};
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+use tracing::{debug, info};
+
+use crate::{
+    config::DatapathMode,
+    health::BackendState,
+    labels::Scheme,
+    metrics::{DatapathCounters, Metrics},
+    registry::Published,
+    table::Route,
+};
+
+pub struct AdminState {
+    pub published: Arc<Published>,
+    pub metrics: Arc<Metrics>,
+    pub datapath_mode: DatapathMode,
+    pub kernel_offload: bool,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    info!("admin API on {:?}", listener.local_addr().ok());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &state).await {
+                debug!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    let path = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await??;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = request.method.unwrap_or_default();
+                let path = request.path.unwrap_or_default();
+                break (method == "GET").then(|| path.split('?').next().unwrap_or_default().to_owned());
+            }
+            Ok(httparse::Status::Partial) if len < buf.len() => {}
+            _ => break None,
+        }
+    };
+    let (status, content_type, body) = match path.as_deref() {
+        Some("/api/routes") => (200, "application/json", routes_json(state)),
+        Some("/api/containers") => (200, "application/json", containers_json(state)),
+        Some("/healthz") => (200, "application/json", healthz_json(state)),
+        Some("/metrics") => (200, "text/plain; version=0.0.4", state.metrics.render()),
+        Some(_) => (404, "application/json", json!({"error": "not found; try /api/routes, /api/containers, /healthz, /metrics"}).to_string()),
+        None => (400, "application/json", json!({"error": "send GET requests"}).to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        crate::http::status_reason(status),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[derive(Serialize)]
+struct RouteJson<'a> {
+    domain: &'a str,
+    path: &'a str,
+    scheme: Scheme,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen_port: Option<u16>,
+    internal: bool,
+    sticky: bool,
+    backends: Vec<BackendJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct BackendJson<'a> {
+    container_id: &'a str,
+    container_name: &'a str,
+    address: String,
+    weight: u32,
+    state: BackendState,
+    active_connections: u64,
+    requests: u64,
+}
+
+#[derive(Serialize)]
+struct DatapathJson {
+    mode: DatapathMode,
+    kernel_offload: bool,
+    #[serde(flatten)]
+    counters: DatapathCounters,
+}
+
+fn routes_json(state: &AdminState) -> String {
+    let table = state.published.table.load();
+    let routes: Vec<RouteJson<'_>> = table.routes().into_iter().map(|r| route_json(r)).collect();
+    json!({
+        "routes": routes,
+        "datapath": DatapathJson {
+            mode: state.datapath_mode,
+            kernel_offload: state.kernel_offload,
+            counters: state.metrics.datapath(),
+        },
+    })
+    .to_string()
+}
+
+fn route_json(route: &Route) -> RouteJson<'_> {
+    RouteJson {
+        domain: &route.domain,
+        path: if route.listen_port.is_some() { "" } else { &route.path },
+        scheme: route.scheme,
+        listen_port: route.listen_port,
+        internal: route.internal,
+        sticky: route.sticky,
+        backends: route
+            .backends
+            .iter()
+            .map(|b| BackendJson {
+                container_id: &b.container_id,
+                container_name: &b.container_name,
+                address: b.addr.to_string(),
+                weight: b.weight,
+                state: b.state,
+                active_connections: b.stats.active_connections.load(Ordering::Relaxed),
+                requests: b.stats.requests.load(Ordering::Relaxed),
+            })
+            .collect(),
+    }
+}
+
+fn containers_json(state: &AdminState) -> String {
+    json!({
+        "engine_connected": state.published.engine_connected.load(Ordering::Relaxed),
+        "internal_cidrs": &**state.published.internal_cidrs.load(),
+        "containers": &**state.published.containers.load(),
+    })
+    .to_string()
+}
+
+fn healthz_json(state: &AdminState) -> String {
+    json!({
+        "status": "ok",
+        "engine_connected": state.published.engine_connected.load(Ordering::Relaxed),
+        "kernel_offload": state.kernel_offload,
+    })
+    .to_string()
+}

@@ -1,0 +1,152 @@
+//! Process-wide counters, exported as Prometheus text on `/metrics` and inside `/api/routes`.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde::Serialize;
+
+/// Which way a backend exchange failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BackendError {
+    Connect,
+    /// Closed or reset before a complete response.
+    Reset,
+    Timeout,
+    InvalidResponse,
+}
+
+impl BackendError {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+            Self::InvalidResponse => "invalid_response",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    /// Body and head bytes moved through userspace buffers.
+    pub bytes_copied: AtomicU64,
+    /// Body bytes moved by splice(2).
+    pub bytes_spliced: AtomicU64,
+    /// Bytes the kernel redirected between offloaded sockets (sockhash).
+    pub bytes_kernel: AtomicU64,
+    pub connections_offloaded: AtomicU64,
+    responses_by_class: [AtomicU64; 5],
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    backend_errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// A point-in-time copy for the admin API.
+#[derive(Serialize, Debug)]
+pub struct DatapathCounters {
+    pub bytes_copied: u64,
+    pub bytes_spliced: u64,
+    pub bytes_kernel: u64,
+    pub connections_offloaded: u64,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn response(&self, status: u16) {
+        if let Some(slot) = self.responses_by_class.get(usize::from(status / 100).wrapping_sub(1)) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        *self.rejected.lock().expect("metrics lock").entry(reason).or_default() += 1;
+    }
+
+    pub fn backend_error(&self, kind: BackendError) {
+        *self
+            .backend_errors
+            .lock()
+            .expect("metrics lock")
+            .entry(kind.label())
+            .or_default() += 1;
+    }
+
+    pub fn datapath(&self) -> DatapathCounters {
+        DatapathCounters {
+            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            bytes_spliced: self.bytes_spliced.load(Ordering::Relaxed),
+            bytes_kernel: self.bytes_kernel.load(Ordering::Relaxed),
+            connections_offloaded: self.connections_offloaded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("router_connections_accepted_total", "Client connections accepted.", load(&self.connections_accepted));
+        counter("router_requests_total", "Requests read from clients.", load(&self.requests));
+        counter("router_retries_total", "Requests sent to another backend after a failure.", load(&self.retries));
+        counter("router_bytes_copied_total", "Bytes moved through userspace buffers.", load(&self.bytes_copied));
+        counter("router_bytes_spliced_total", "Body bytes moved with splice(2).", load(&self.bytes_spliced));
+        counter("router_bytes_kernel_total", "Bytes redirected in the kernel between offloaded sockets.", load(&self.bytes_kernel));
+        counter("router_connections_offloaded_total", "Connections handed to the kernel sockhash.", load(&self.connections_offloaded));
+        let _ = writeln!(
+            out,
+            "# HELP router_connections_active Client connections open now.\n# TYPE router_connections_active gauge\nrouter_connections_active {}",
+            load(&self.connections_active)
+        );
+        let _ = writeln!(out, "# HELP router_responses_total Responses sent to clients by status class.\n# TYPE router_responses_total counter");
+        for (i, slot) in self.responses_by_class.iter().enumerate() {
+            let _ = writeln!(out, "router_responses_total{{class=\"{}xx\"}} {}", i + 1, load(slot));
+        }
+        let _ = writeln!(out, "# HELP router_requests_rejected_total Requests refused by the router, by reason.\n# TYPE router_requests_rejected_total counter");
+        for (reason, n) in self.rejected.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "router_requests_rejected_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP router_backend_errors_total Failed backend exchanges, by kind.\n# TYPE router_backend_errors_total counter");
+        for (kind, n) in self.backend_errors.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "router_backend_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters() {
+        let m = Metrics::default();
+        Metrics::add(&m.requests, 3);
+        m.response(200);
+        m.response(503);
+        m.rejected("duplicate Host");
+        m.backend_error(BackendError::Connect);
+        let text = m.render();
+        for line in [
+            "router_requests_total 3",
+            "router_responses_total{class=\"2xx\"} 1",
+            "router_responses_total{class=\"5xx\"} 1",
+            "router_requests_rejected_total{reason=\"duplicate Host\"} 1",
+            "router_backend_errors_total{kind=\"connect\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+}

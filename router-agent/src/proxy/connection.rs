@@ -1,0 +1,540 @@
+//! One client connection: read a request head, route it, exchange it with a backend, relay the
+//! response; repeat while both sides keep the connection alive.
+//!
+//! Every request on a keep-alive connection is parsed, validated and routed on its own: a second
+//! request with another Host goes to that host's backends.
+use std::{
+    io,
+    net::SocketAddr,
+    pin::pin,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::{Buf as _, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::watch,
+    time::Instant,
+};
+use tracing::{debug, info};
+
+use super::{
+    ProxyContext,
+    body::{self, RelayError},
+    upstream::Upstream,
+};
+use crate::{
+    http::{
+        BodyFraming, Reject, error_response,
+        request::{self, ForwardContext, RequestHead},
+        response::{self, ClientSide, ResponseHead},
+    },
+    metrics::{BackendError, Metrics},
+    registry::Message,
+    table::Backend,
+};
+
+/// Bytes read from a client per read call while waiting for a head.
+const HEAD_READ_CHUNK: usize = 8 * 1024;
+/// How long to keep reading (and discarding) after refusing a request, so that the refusal is
+/// not lost to a reset caused by unread bytes.
+const LINGER: Duration = Duration::from_millis(500);
+
+pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
+    let metrics = ctx.metrics.clone();
+    Metrics::add(&metrics.connections_accepted, 1);
+    metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    let _ = stream.set_nodelay(true);
+    let mut connection = Connection {
+        shutdown: ctx.shutdown.clone(),
+        client: stream,
+        peer,
+        ctx,
+        buf: BytesMut::with_capacity(HEAD_READ_CHUNK),
+        request_head: Vec::with_capacity(1024),
+        response_head: Vec::with_capacity(1024),
+        upstream: None,
+    };
+    if let Err(e) = connection.run().await {
+        debug!(%peer, "client connection ended: {e}");
+    }
+    metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// How one attempt at a backend ended.
+enum Attempt {
+    /// The response went to the client.
+    Done { next: Next, keep_backend: bool },
+    /// Nothing reached the client and the request may be sent again elsewhere.
+    Retry(String),
+    /// Answer the client with this status (nothing was sent to it yet).
+    Fail { status: u16, kind: BackendError, why: String },
+    /// The client went away, or it was told something already: just close.
+    Abort,
+}
+
+struct Connection {
+    client: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ProxyContext>,
+    shutdown: watch::Receiver<bool>,
+    /// Bytes from the client not handled yet (a head, a body, the next pipelined request).
+    buf: BytesMut,
+    /// The head sent to the backend, rewritten from the client's.
+    request_head: Vec<u8>,
+    /// The head sent to the client, rewritten from the backend's.
+    response_head: Vec<u8>,
+    /// The backend connection kept alive from the previous request.
+    upstream: Option<Upstream>,
+}
+
+impl Connection {
+    async fn run(&mut self) -> io::Result<()> {
+        while let Some(head) = self.read_request_head().await? {
+            match self.exchange(&head).await? {
+                Next::KeepAlive => {}
+                Next::Close => {
+                    self.close().await;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next request head, or `None` when the connection should end (client closed, idle
+    /// timeout, shutdown, or a refused head that was already answered).
+    async fn read_request_head(&mut self) -> io::Result<Option<RequestHead>> {
+        let settings = &self.ctx.settings;
+        let forward = ForwardContext {
+            client_ip: self.peer.ip(),
+            forwarded_headers: settings.forwarded_headers,
+        };
+        let mut head_deadline = (!self.buf.is_empty()).then(|| Instant::now() + settings.header_timeout);
+        loop {
+            if !self.buf.is_empty() {
+                match request::parse(&self.buf, &settings.limits, &forward, &mut self.request_head) {
+                    Ok(Some(head)) => return Ok(Some(head)),
+                    Ok(None) => {}
+                    Err(reject) => {
+                        self.refuse(reject).await;
+                        return Ok(None);
+                    }
+                }
+            }
+            self.buf.reserve(HEAD_READ_CHUNK);
+            let read = match head_deadline {
+                // Between requests: wait for the next one as long as the idle timeout, and not
+                // at all once shutdown has begun.
+                None => tokio::select! {
+                    r = tokio::time::timeout(settings.idle_timeout, self.client.read_buf(&mut self.buf)) => r,
+                    _ = self.shutdown.wait_for(|stopping| *stopping) => return Ok(None),
+                },
+                Some(deadline) => tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf)).await,
+            };
+            match read {
+                Err(_) if head_deadline.is_some() => {
+                    self.refuse(Reject::HeadTimeout).await;
+                    return Ok(None);
+                }
+                Err(_) | Ok(Ok(0)) => return Ok(None),
+                Ok(Ok(_)) => {
+                    head_deadline.get_or_insert_with(|| Instant::now() + settings.header_timeout);
+                }
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn refuse(&mut self, reject: Reject) {
+        self.ctx.metrics.rejected(reject.reason());
+        debug!(peer = %self.peer, status = reject.status(), "refused request: {}", reject.reason());
+        self.answer(reject.status()).await;
+        self.close().await;
+    }
+
+    /// Writes one of the router's own responses; the connection closes after it.
+    async fn answer(&mut self, status: u16) {
+        self.ctx.metrics.response(status);
+        let _ = self.client.write_all(&error_response(status, true)).await;
+    }
+
+    /// Ends the connection politely: FIN, then read and discard what the client still sends
+    /// for a moment, so our last response is not destroyed by a reset.
+    async fn close(&mut self) {
+        let _ = self.client.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let deadline = Instant::now() + LINGER;
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.client.read(&mut sink)).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Routes the request and runs it against backends until one answers or none is left.
+    async fn exchange(&mut self, head: &RequestHead) -> io::Result<Next> {
+        let metrics = self.ctx.metrics.clone();
+        Metrics::add(&metrics.requests, 1);
+        let table = self.ctx.published.table.load_full();
+        let Some(route) = table.lookup(&self.buf[head.host.clone()], &self.buf[head.path.clone()]) else {
+            self.answer(404).await;
+            return Ok(Next::Close);
+        };
+        if route.internal && !self.ctx.published.is_internal(self.peer.ip()) {
+            info!(peer = %self.peer, domain = %route.domain, "internal domain asked from outside the internal networks: 404");
+            self.answer(404).await;
+            return Ok(Next::Close);
+        }
+        let sticky = StickyId::new(head.sticky_id.clone().map(|r| &self.buf[r]));
+        self.buf.advance(head.head_len);
+
+        let mut tried = Tried::default();
+        loop {
+            let selection = match route.select(sticky.get(), tried.as_slice()) {
+                Some(selection) if !tried.is_full() => selection,
+                _ => {
+                    self.answer(503).await;
+                    return Ok(Next::Close);
+                }
+            };
+            if !tried.is_empty() {
+                Metrics::add(&metrics.retries, 1);
+            }
+            tried.push(selection.index);
+            let backend = &route.backends[selection.index];
+            let mut upstream = match self.upstream_for(backend).await {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    metrics.backend_error(BackendError::Connect);
+                    self.report_failure(backend, format!("connect: {e}"));
+                    continue;
+                }
+            };
+            backend.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let set_sticky = (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
+            match self.attempt(head, &mut upstream, set_sticky).await {
+                Attempt::Done { next, keep_backend } => {
+                    if keep_backend {
+                        upstream.reused = true;
+                        self.upstream = Some(upstream);
+                    }
+                    return Ok(next);
+                }
+                Attempt::Retry(why) => {
+                    metrics.backend_error(BackendError::Reset);
+                    // A kept-alive connection the backend closed meanwhile says nothing about
+                    // the backend's health.
+                    if !upstream.reused {
+                        self.report_failure(backend, why);
+                    }
+                }
+                Attempt::Fail { status, kind, why } => {
+                    metrics.backend_error(kind);
+                    debug!(backend = %backend.addr, "answering {status}: {why}");
+                    self.answer(status).await;
+                    return Ok(Next::Close);
+                }
+                Attempt::Abort => return Ok(Next::Close),
+            }
+        }
+    }
+
+    /// The kept-alive connection if it goes to this backend and is still open, else a new one.
+    async fn upstream_for(&mut self, backend: &Backend) -> io::Result<Upstream> {
+        if let Some(upstream) = self.upstream.take()
+            && upstream.serves(backend)
+            && upstream.is_idle_and_open()
+        {
+            return Ok(upstream);
+        }
+        Upstream::connect(backend, self.ctx.settings.connect_timeout).await
+    }
+
+    fn report_failure(&self, backend: &Backend, error: String) {
+        let _ = self.ctx.registry.send(Message::PassiveFailure {
+            id: backend.container_id.clone(),
+            addr: backend.addr,
+            error,
+        });
+    }
+
+    /// Sends the request to one backend and relays its response.
+    async fn attempt(&mut self, head: &RequestHead, upstream: &mut Upstream, set_sticky: Option<&str>) -> Attempt {
+        let metrics = self.ctx.metrics.clone();
+        if let Err(e) = upstream.stream.write_all(&self.request_head).await {
+            return Attempt::Retry(format!("sending the request: {e}"));
+        }
+        Metrics::add(&metrics.bytes_copied, self.request_head.len() as u64);
+        let client_side = ClientSide {
+            request_was_head: head.method == request::Method::Head,
+            keep_alive: head.keep_alive && !*self.shutdown.borrow(),
+            http10: head.http10,
+            set_sticky,
+        };
+        let exchange = RequestExchange {
+            client: &mut self.client,
+            client_buf: &mut self.buf,
+            upstream,
+            response_head: &mut self.response_head,
+            metrics: &metrics,
+            response_timeout: self.ctx.settings.response_timeout,
+        };
+        exchange.run(head, &client_side).await
+    }
+}
+
+/// The parts of a connection one request/response exchange borrows.
+struct RequestExchange<'a> {
+    client: &'a mut TcpStream,
+    client_buf: &'a mut BytesMut,
+    upstream: &'a mut Upstream,
+    response_head: &'a mut Vec<u8>,
+    metrics: &'a Metrics,
+    response_timeout: Duration,
+}
+
+/// How the concurrent request-body / response-head phase ended.
+enum ExchangeOutcome {
+    Response(Result<ResponseHead, ResponseError>, RequestBody),
+    /// The client's chunked framing is broken: 400, and the connection ends.
+    BadRequestBody(&'static str),
+    ClientGone,
+}
+
+/// How the request body transfer ended.
+enum RequestBody {
+    Complete,
+    /// The response came before the whole body was relayed: the client connection cannot be
+    /// reused (its remaining body bytes would be read as a request).
+    Abandoned,
+}
+
+impl RequestExchange<'_> {
+    async fn run(self, head: &RequestHead, client_side: &ClientSide<'_>) -> Attempt {
+        let resendable = head.body == BodyFraming::None && head.method.is_idempotent();
+        let (mut client_read, mut client_write) = self.client.split();
+        let (mut backend_read, mut backend_write) = self.upstream.stream.split();
+
+        // The request body and the response head move at the same time: the backend may answer
+        // `100 Continue` first (the client waits for it before sending the body), or answer
+        // early without reading the body at all.
+        let outcome = {
+            let body = body::relay(head.body, &mut client_read, self.client_buf, &mut backend_write, &self.metrics.bytes_copied);
+            let response = read_response_head(
+                &mut backend_read,
+                &mut self.upstream.buf,
+                &mut client_write,
+                client_side,
+                self.response_head,
+                self.metrics,
+                self.response_timeout,
+            );
+            let mut body = pin!(body);
+            let mut response = pin!(response);
+            let mut body_done = head.body == BodyFraming::None;
+            loop {
+                tokio::select! {
+                    result = &mut body, if !body_done => match result {
+                        // A backend that stopped reading (Sink) answers or fails next.
+                        Ok(()) | Err(RelayError::Sink(_)) => body_done = true,
+                        Err(RelayError::Framing(e)) => break ExchangeOutcome::BadRequestBody(e.0),
+                        Err(RelayError::Source(_)) => break ExchangeOutcome::ClientGone,
+                    },
+                    result = &mut response => {
+                        let body = if body_done { RequestBody::Complete } else { RequestBody::Abandoned };
+                        break ExchangeOutcome::Response(result, body);
+                    }
+                }
+            }
+        };
+        let (response, request_body) = match outcome {
+            ExchangeOutcome::Response(response, body) => (response, body),
+            ExchangeOutcome::BadRequestBody(why) => {
+                debug!("bad chunked request body: {why}");
+                self.metrics.rejected(why);
+                self.metrics.response(400);
+                let _ = client_write.write_all(&error_response(400, true)).await;
+                return Attempt::Abort;
+            }
+            ExchangeOutcome::ClientGone => return Attempt::Abort,
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(ResponseError::Timeout) => {
+                return Attempt::Fail {
+                    status: 504,
+                    kind: BackendError::Timeout,
+                    why: format!("no response head within {:?}", self.response_timeout),
+                };
+            }
+            Err(ResponseError::Invalid(why)) => {
+                return Attempt::Fail { status: 502, kind: BackendError::InvalidResponse, why: why.into() };
+            }
+            Err(ResponseError::Lost { error, client_saw_bytes }) if client_saw_bytes => {
+                debug!("backend lost after an interim response: {error}");
+                return Attempt::Abort;
+            }
+            Err(ResponseError::Lost { error, .. }) if resendable => return Attempt::Retry(error),
+            Err(ResponseError::Lost { error, .. }) => {
+                return Attempt::Fail { status: 502, kind: BackendError::Reset, why: error };
+            }
+            Err(ResponseError::ClientGone) => return Attempt::Abort,
+        };
+
+        self.metrics.response(response.status);
+        if client_write.write_all(self.response_head).await.is_err() {
+            return Attempt::Abort;
+        }
+        Metrics::add(&self.metrics.bytes_copied, self.response_head.len() as u64);
+        self.upstream.buf.advance(response.head_len);
+
+        if response.status == 101 {
+            drop((client_read, client_write, backend_read, backend_write));
+            tunnel(self.client, self.client_buf, self.upstream, self.metrics).await;
+            return Attempt::Done { next: Next::Close, keep_backend: false };
+        }
+        match body::relay(response.body, &mut backend_read, &mut self.upstream.buf, &mut client_write, &self.metrics.bytes_copied).await {
+            Ok(()) => {}
+            Err(e) => {
+                debug!("response body: {e}");
+                return Attempt::Abort;
+            }
+        }
+        let body_complete = matches!(request_body, RequestBody::Complete);
+        Attempt::Done {
+            next: if response.close_client || !body_complete { Next::Close } else { Next::KeepAlive },
+            keep_backend: response.backend_keep_alive && body_complete && self.upstream.buf.is_empty(),
+        }
+    }
+}
+
+enum ResponseError {
+    Timeout,
+    Invalid(&'static str),
+    /// The backend closed or reset the connection before a complete head.
+    Lost { error: String, client_saw_bytes: bool },
+    ClientGone,
+}
+
+/// Reads the final response head, relaying interim (1xx) responses to the client on the way.
+async fn read_response_head<R, W>(
+    backend: &mut R,
+    buf: &mut BytesMut,
+    client: &mut W,
+    client_side: &ClientSide<'_>,
+    out: &mut Vec<u8>,
+    metrics: &Metrics,
+    timeout: Duration,
+) -> Result<ResponseHead, ResponseError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + timeout;
+    let mut client_saw_bytes = false;
+    loop {
+        if !buf.is_empty() {
+            match response::parse(buf, client_side, out) {
+                Ok(Some(head)) if head.is_interim() => {
+                    client.write_all(out).await.map_err(|_| ResponseError::ClientGone)?;
+                    Metrics::add(&metrics.bytes_copied, out.len() as u64);
+                    client_saw_bytes = true;
+                    buf.advance(head.head_len);
+                    continue;
+                }
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(invalid) => return Err(ResponseError::Invalid(invalid.0)),
+            }
+        }
+        buf.reserve(16 * 1024);
+        match tokio::time::timeout_at(deadline, backend.read_buf(buf)).await {
+            Err(_) => return Err(ResponseError::Timeout),
+            Ok(Ok(0)) => {
+                let error = if buf.is_empty() { "closed without a response" } else { "closed inside the response head" };
+                return Err(ResponseError::Lost { error: error.into(), client_saw_bytes });
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(ResponseError::Lost { error: e.to_string(), client_saw_bytes }),
+        }
+    }
+}
+
+/// After `101 Switching Protocols`: both sides speak another protocol; move bytes both ways
+/// until either side is done.
+async fn tunnel(client: &mut TcpStream, client_buf: &mut BytesMut, upstream: &mut Upstream, metrics: &Metrics) {
+    if !upstream.buf.is_empty() {
+        if client.write_all(&upstream.buf).await.is_err() {
+            return;
+        }
+        upstream.buf.clear();
+    }
+    if !client_buf.is_empty() {
+        if upstream.stream.write_all(client_buf).await.is_err() {
+            return;
+        }
+        client_buf.clear();
+    }
+    if let Ok((up, down)) = tokio::io::copy_bidirectional(client, &mut upstream.stream).await {
+        Metrics::add(&metrics.bytes_copied, up + down);
+    }
+}
+
+/// The `CONTAINERID` cookie value, copied out of the read buffer (container ids are 64 hex
+/// characters; longer values cannot name a container).
+struct StickyId {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl StickyId {
+    fn new(value: Option<&[u8]>) -> Self {
+        let mut id = Self { bytes: [0; 64], len: 0 };
+        if let Some(value) = value.filter(|v| v.len() <= id.bytes.len()) {
+            id.bytes[..value.len()].copy_from_slice(value);
+            id.len = value.len();
+        }
+        id
+    }
+
+    fn get(&self) -> Option<&[u8]> {
+        (self.len > 0).then(|| &self.bytes[..self.len])
+    }
+}
+
+/// Backends already tried for one request (a small fixed set: no allocation per request).
+#[derive(Default)]
+struct Tried {
+    indices: [usize; 8],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, index: usize) {
+        if self.len < self.indices.len() {
+            self.indices[self.len] = index;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[usize] {
+        &self.indices[..self.len]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Enough attempts for one request.
+    fn is_full(&self) -> bool {
+        self.len == self.indices.len()
+    }
+}

@@ -1,0 +1,324 @@
+//! The routing table: an immutable snapshot of routes and their backends.
+//!
+//! The registry builds a new table whenever a container, a label or a health state changes and
+//! swaps it in atomically; the proxy loads the current one per request and never locks.
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize},
+    },
+};
+
+use crate::{
+    balance::{Schedule, sticky_target_allowed},
+    health::BackendState,
+    labels::Scheme,
+};
+
+/// Live counters of one backend container; they outlive table rebuilds.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    pub active_connections: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub container_id: Arc<str>,
+    pub container_name: Arc<str>,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub state: BackendState,
+    pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    /// Whether the balancer may hand it new requests.
+    fn takes_new_traffic(&self) -> bool {
+        self.state == BackendState::Up && self.weight > 0
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub domain: String,
+    /// Context path: `/`, or a prefix without trailing slash such as `/api`.
+    pub path: String,
+    pub scheme: Scheme,
+    /// `*.local` domains answer only clients from the internal CIDRs.
+    pub internal: bool,
+    pub sticky: bool,
+    /// For `tcp://` routes: the port the router listens on.
+    pub listen_port: Option<u16>,
+    pub backends: Vec<Backend>,
+    schedule: Schedule,
+}
+
+impl Route {
+    /// A backend for a new request: the one named by the `CONTAINERID` cookie if it may take
+    /// it, else the next in the weighted schedule not in `tried`.
+    pub fn select(&self, sticky_id: Option<&[u8]>, tried: &[usize]) -> Option<Selection> {
+        if self.sticky
+            && let Some(id) = sticky_id
+            && let Some(index) = self.backends.iter().position(|b| {
+                b.container_id.as_bytes() == id && sticky_target_allowed(b.state)
+            })
+            && !tried.contains(&index)
+        {
+            return Some(Selection { index, by_cookie: true });
+        }
+        self.schedule
+            .next(tried)
+            .map(|index| Selection { index, by_cookie: false })
+    }
+
+    pub fn has_ready_backend(&self) -> bool {
+        !self.schedule.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    pub index: usize,
+    /// The request's cookie chose it (so the response needs no new cookie).
+    pub by_cookie: bool,
+}
+
+/// Where a route is served: HTTP routes by host and path, TCP routes by listening port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKey {
+    Http { domain: String, path: String },
+    Tcp { listen_port: u16 },
+}
+
+/// Input for one route, gathered by the registry.
+#[derive(Debug)]
+pub struct RouteInput {
+    pub key: RouteKey,
+    pub domain: String,
+    pub scheme: Scheme,
+    pub sticky: bool,
+    pub backends: Vec<Backend>,
+    pub cursor: Arc<AtomicUsize>,
+}
+
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    /// Routes per domain, longest context path first.
+    http: HashMap<String, Vec<Arc<Route>>>,
+    tcp: HashMap<u16, Arc<Route>>,
+}
+
+impl RoutingTable {
+    pub fn build(inputs: Vec<RouteInput>) -> Self {
+        let mut table = Self::default();
+        for input in inputs {
+            let weights: Vec<Option<u32>> = input
+                .backends
+                .iter()
+                .map(|b| b.takes_new_traffic().then_some(b.weight))
+                .collect();
+            let (path, listen_port) = match &input.key {
+                RouteKey::Http { path, .. } => (path.clone(), None),
+                RouteKey::Tcp { listen_port } => (String::new(), Some(*listen_port)),
+            };
+            let route = Arc::new(Route {
+                internal: is_internal_domain(&input.domain),
+                domain: input.domain,
+                path,
+                scheme: input.scheme,
+                sticky: input.sticky,
+                listen_port,
+                schedule: Schedule::new(&weights, input.cursor),
+                backends: input.backends,
+            });
+            match listen_port {
+                Some(port) => {
+                    table.tcp.insert(port, route);
+                }
+                None => table.http.entry(route.domain.clone()).or_default().push(route),
+            }
+        }
+        for routes in table.http.values_mut() {
+            routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        }
+        table
+    }
+
+    /// The route for a request's Host header value and target.
+    pub fn lookup(&self, host: &[u8], target: &[u8]) -> Option<&Arc<Route>> {
+        let host = normalize_host(host)?;
+        let routes = self.http.get(host.as_ref())?;
+        routes.iter().find(|r| path_matches(&r.path, target))
+    }
+
+    pub fn tcp_route(&self, listen_port: u16) -> Option<&Arc<Route>> {
+        self.tcp.get(&listen_port)
+    }
+
+    pub fn tcp_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.tcp.keys().copied()
+    }
+
+    /// Every route, sorted by domain then path, for the admin API.
+    pub fn routes(&self) -> Vec<&Arc<Route>> {
+        let mut all: Vec<&Arc<Route>> = self.http.values().flatten().chain(self.tcp.values()).collect();
+        all.sort_by(|a, b| (&a.domain, &a.path, a.listen_port).cmp(&(&b.domain, &b.path, b.listen_port)));
+        all
+    }
+}
+
+pub fn is_internal_domain(domain: &str) -> bool {
+    domain == "local" || domain.ends_with(".local")
+}
+
+/// Host header value -> lower-case domain without port or trailing dot. Allocates only for
+/// upper-case input.
+fn normalize_host(host: &[u8]) -> Option<Cow<'_, str>> {
+    let host = std::str::from_utf8(host).ok()?.trim();
+    let without_port = match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        Some(_) => return None,
+        None => host,
+    };
+    let domain = without_port.strip_suffix('.').unwrap_or(without_port);
+    if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(domain.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(domain))
+    }
+}
+
+/// Whether a request target falls under a context path: `/api` takes `/api`, `/api/x` and
+/// `/api?q`, not `/apix`.
+fn path_matches(context: &str, target: &[u8]) -> bool {
+    if context == "/" {
+        return true;
+    }
+    let Some(rest) = target.strip_prefix(context.as_bytes()) else {
+        return false;
+    };
+    matches!(rest.first(), None | Some(b'/' | b'?'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(id: &str, state: BackendState, weight: u32) -> Backend {
+        Backend {
+            container_id: id.into(),
+            container_name: id.into(),
+            addr: "198.18.0.2:80".parse().unwrap(),
+            weight,
+            state,
+            stats: Arc::default(),
+        }
+    }
+
+    fn http(domain: &str, path: &str, backends: Vec<Backend>) -> RouteInput {
+        RouteInput {
+            key: RouteKey::Http { domain: domain.into(), path: path.into() },
+            domain: domain.into(),
+            scheme: Scheme::Http,
+            sticky: true,
+            backends,
+            cursor: Arc::default(),
+        }
+    }
+
+    fn table() -> RoutingTable {
+        RoutingTable::build(vec![
+            http("web.local", "/", vec![backend("root", BackendState::Up, 100)]),
+            http("web.local", "/api", vec![backend("api", BackendState::Up, 100)]),
+            http("web.local", "/api/v2", vec![backend("v2", BackendState::Up, 100)]),
+            http("example.com", "/", vec![backend("pub", BackendState::Up, 100)]),
+        ])
+    }
+
+    #[test]
+    fn lookup_by_host_and_longest_path() {
+        let t = table();
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("web.local", "/", Some("root")),
+            ("WEB.Local", "/", Some("root")),
+            ("web.local:8080", "/x", Some("root")),
+            ("web.local.", "/", Some("root")),
+            ("web.local", "/api", Some("api")),
+            ("web.local", "/api/", Some("api")),
+            ("web.local", "/api?x=1", Some("api")),
+            ("web.local", "/apix", Some("root")),
+            ("web.local", "/api/v2/users", Some("v2")),
+            ("web.local", "/api/v20", Some("api")),
+            ("example.com", "/a", Some("pub")),
+            ("other.local", "/", None),
+            ("web.local:x", "/", None),
+            ("", "/", None),
+        ];
+        for (host, target, expected) in cases {
+            let got = t
+                .lookup(host.as_bytes(), target.as_bytes())
+                .map(|r| r.backends[0].container_id.to_string());
+            assert_eq!(got.as_deref(), *expected, "{host} {target}");
+        }
+    }
+
+    #[test]
+    fn internal_domains() {
+        let t = table();
+        assert!(t.lookup(b"web.local", b"/").unwrap().internal);
+        assert!(!t.lookup(b"example.com", b"/").unwrap().internal);
+    }
+
+    #[test]
+    fn selection_and_stickiness() {
+        let t = RoutingTable::build(vec![http(
+            "s.local",
+            "/",
+            vec![
+                backend("a", BackendState::Up, 100),
+                backend("b", BackendState::Up, 100),
+                backend("c", BackendState::Draining, 100),
+                backend("d", BackendState::Down, 100),
+                backend("e", BackendState::Starting, 100),
+                backend("w0", BackendState::Up, 0),
+            ],
+        )]);
+        let route = t.lookup(b"s.local", b"/").unwrap();
+        let picks: Vec<usize> = (0..4).map(|_| route.select(None, &[]).unwrap().index).collect();
+        assert_eq!(picks, [0, 1, 0, 1], "only up backends with weight take new traffic");
+        let cases: &[(&[u8], Option<usize>)] = &[
+            (b"b", Some(1)),
+            (b"c", Some(2)),  // draining keeps its sessions
+            (b"w0", Some(5)), // weight 0 keeps its sessions
+            (b"d", None),     // down: re-picked
+            (b"e", None),     // starting: re-picked
+            (b"zz", None),    // unknown: re-picked
+        ];
+        for (cookie, expected) in cases {
+            let selection = route.select(Some(cookie), &[]).unwrap();
+            match expected {
+                Some(index) => assert_eq!(selection, Selection { index: *index, by_cookie: true }),
+                None => assert!(!selection.by_cookie && selection.index < 2),
+            }
+        }
+        // A retry excludes the failed sticky target.
+        assert!(!route.select(Some(b"b"), &[1]).unwrap().by_cookie);
+        assert!(route.select(None, &[0, 1]).is_none());
+    }
+
+    #[test]
+    fn no_ready_backend() {
+        let t = RoutingTable::build(vec![http(
+            "s.local",
+            "/",
+            vec![backend("a", BackendState::Starting, 100), backend("b", BackendState::Down, 100)],
+        )]);
+        let route = t.lookup(b"s.local", b"/").unwrap();
+        assert!(!route.has_ready_backend());
+        assert!(route.select(None, &[]).is_none());
+    }
+}

@@ -1,0 +1,67 @@
+//! The kernel half of the data path: an `sk_skb` stream verdict program that moves the bytes of
+//! offloaded tunnels (WebSocket after `101`, `tcp://` routes) from one socket to its peer without
+//! waking userspace.
+//!
+//! The agent puts both sockets of a tunnel into `SOCKHASH` (keyed by socket cookie) and records
+//! each socket's peer in `TUNNELS`. A socket without a `TUNNELS` entry is passed to its own receive
+//! queue, where userspace reads it as usual.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::sk_action,
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{map, stream_verdict},
+    maps::{HashMap, SockHash},
+    programs::SkBuffContext,
+};
+use router_common::{TunnelEntry, maps::MAX_OFFLOADED_SOCKETS};
+
+#[map]
+static SOCKHASH: SockHash<u64> = SockHash::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
+
+#[map]
+static TUNNELS: HashMap<u64, TunnelEntry> = HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
+
+#[stream_verdict]
+pub fn tunnel_verdict(ctx: SkBuffContext) -> u32 {
+    match try_tunnel_verdict(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+fn try_tunnel_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
+    let len = ctx.len();
+    // A bare FIN arrives as a zero-length skb. Redirecting it makes the peer's sends fail with
+    // EPIPE; passing it lets userspace see EOF and propagate the half-close itself.
+    if len == 0 {
+        return Ok(sk_action::SK_PASS);
+    }
+    // SAFETY: the context pointer is the live __sk_buff this program was invoked with.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(entry) = TUNNELS.get_ptr_mut(cookie) else {
+        return Ok(sk_action::SK_PASS);
+    };
+    // SAFETY: get_ptr_mut returned a valid pointer to this socket's map value. The verdict for
+    // one socket runs with that socket locked, so a plain add is not raced by another CPU (the
+    // BPF target has no atomic fetch_add in core).
+    let peer = unsafe {
+        (*entry).bytes_redirected += u64::from(len);
+        (*entry).peer_cookie
+    };
+    // Egress redirect (flags 0): the bytes are sent out of the peer socket. The helper answers
+    // SK_PASS (redirect) on success and SK_DROP when the peer left the map (it closed); dropping
+    // is right then, userspace tears the tunnel down.
+    Ok(SOCKHASH.redirect_skb(ctx, peer, 0) as u32)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,159 @@
+//! The real `router-agent` binary, started per test on free ports, stopped on drop. Its log
+//! goes to `target/test-logs/` and is printed when a test fails.
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{client, unique, wait_for};
+
+pub struct Agent {
+    child: Child,
+    /// The HTTP listener, on every address (clients in containers use the bridge gateway).
+    pub port: u16,
+    pub admin: SocketAddr,
+    pub log_path: PathBuf,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn agent_binary() -> PathBuf {
+    std::env::var_os("ROUTER_AGENT_BIN")
+        .map_or_else(|| workspace_root().join("target/release/router-agent"), PathBuf::from)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Agent {
+    /// Starts the agent on a free HTTP port and a free admin port, with extra flags, and waits
+    /// until it has synced with the Docker engine.
+    pub fn start(extra_args: &[&str]) -> Self {
+        let port = free_port();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let log_dir = workspace_root().join("target/test-logs");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let log_path = log_dir.join(format!("{}.log", unique("agent")));
+        let log = File::create(&log_path).expect("log file");
+        let binary = agent_binary();
+        let child = Command::new(&binary)
+            .args(["--listen", &format!("0.0.0.0:{port}"), "--admin", &admin.to_string()])
+            .args(extra_args)
+            .env("RUST_LOG", "info,router_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} failed: {e} (run `cargo xtask test`)", binary.display()));
+        let agent = Self { child, port, admin, log_path };
+        wait_for("the agent to connect to the Docker engine", Duration::from_secs(20), || {
+            agent.try_json("/healthz").is_some_and(|h| h["engine_connected"] == true)
+        });
+        agent
+    }
+
+    /// The HTTP listener as reached from this host.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn try_json(&self, path: &str) -> Option<Value> {
+        let response = client::get(self.admin, "localhost", path, &[]).ok()?;
+        (response.status == 200).then(|| serde_json::from_slice(&response.body).ok())?
+    }
+
+    pub fn json(&self, path: &str) -> Value {
+        self.try_json(path)
+            .unwrap_or_else(|| panic!("admin API {path} did not answer; log:\n{}", self.log()))
+    }
+
+    /// The `/api/routes` entry for a domain and path.
+    pub fn route(&self, domain: &str, path: &str) -> Option<Value> {
+        self.json("/api/routes")["routes"]
+            .as_array()?
+            .iter()
+            .find(|r| r["domain"] == domain && r["path"] == path)
+            .cloned()
+    }
+
+    /// `(container_id, state)` of every backend of a route.
+    pub fn backend_states(&self, domain: &str) -> Vec<(String, String)> {
+        self.route(domain, "/")
+            .and_then(|r| r["backends"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|b| {
+                (
+                    b["container_id"].as_str().unwrap_or_default().to_owned(),
+                    b["state"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn state_of(&self, domain: &str, container_id: &str) -> Option<String> {
+        self.backend_states(domain)
+            .into_iter()
+            .find(|(id, _)| id == container_id)
+            .map(|(_, state)| state)
+    }
+
+    /// Waits until exactly these containers are `up` behind the domain.
+    pub fn wait_up(&self, domain: &str, ids: &[&str], timeout: Duration) {
+        wait_for(&format!("{ids:?} up behind {domain}"), timeout, || {
+            let up: Vec<String> = self
+                .backend_states(domain)
+                .into_iter()
+                .filter(|(_, s)| s == "up")
+                .map(|(id, _)| id)
+                .collect();
+            up.len() == ids.len() && ids.iter().all(|id| up.iter().any(|u| u == id))
+        });
+    }
+
+    /// The container as `/api/containers` shows it.
+    pub fn container(&self, id: &str) -> Option<Value> {
+        self.json("/api/containers")["containers"]
+            .as_array()?
+            .iter()
+            .find(|c| c["id"] == id)
+            .cloned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; at worst it fails with ESRCH.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- router-agent log ({}) ----\n{}", self.log_path.display(), self.log());
+        }
+    }
+}

@@ -1,0 +1,1273 @@
+//! `test-backend`: the origin server behind the reverse proxy in the end-to-end tests.
+//!
+//! It runs as the `router-local/backend` container (`FROM scratch`, tini as PID 1) and is a small
+//! but real HTTP/1.1 server, so the tests exercise the proxy against honest framing: keep-alive,
+//! pipelining, `Content-Length` and chunked bodies in both directions, HEAD, and graceful
+//! shutdown on SIGTERM. Every response names the container (`X-Backend`), which is how the tests
+//! see where the proxy sent a request.
+//!
+//! Endpoints (query strings are split on `&` and `=`, without percent-decoding):
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /`, any unknown path | `backend=NAME` |
+//! | `GET /health` | `ok`, or 503 `unhealthy` while `/tmp/unhealthy` exists |
+//! | `GET /set-health?ok=0\|1` | creates or removes `/tmp/unhealthy` |
+//! | `GET /delay?ms=N` | sleeps N ms, then `backend=NAME` |
+//! | `GET /bytes?n=N[&chunked=1]` | N bytes, byte i = i % 251 |
+//! | `POST\|PUT /echo` | the request body |
+//! | `POST\|PUT /sha256` | `<len> <hex sha256>` of the request body |
+//! | `GET /stats` | `requests=<count>`, this request included |
+//! | `GET /headers` | the request head exactly as received |
+//!
+//! Routing looks at the path only: the method matters just for HEAD, which gets the headers of
+//! the matching GET. Design: one std thread per connection, no async runtime, so the code reads
+//! top to bottom and a stuck connection can never stall another one.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::ExitCode,
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use httparse::Status;
+
+const USAGE: &str =
+    "usage: test-backend [--listen ADDR]   (default 0.0.0.0:80, env BACKEND_LISTEN)";
+const DEFAULT_LISTEN: &str = "0.0.0.0:80";
+const MAX_HEADERS: usize = 100;
+/// Limit on a request head, and on a chunked body's trailer section.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest single read, and largest single write of a generated body.
+const IO_CHUNK: usize = 64 * 1024;
+/// `/echo` holds a body of up to this size in memory; a larger chunked body is refused (413),
+/// a larger `Content-Length` body is copied straight through instead.
+const ECHO_BUFFER_LIMIT: u64 = 64 * 1024 * 1024;
+/// Read timeout of every socket: how often an idle connection looks at the shutdown flag.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the accept loop looks at the shutdown flag when no connection arrives.
+const ACCEPT_POLL_MS: libc::c_int = 50;
+/// A connection that makes no progress for this long is dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection keeps reading what the client still sends (see `linger_close`).
+const LINGER: Duration = Duration::from_millis(500);
+const UNHEALTHY_FILE: &str = "/tmp/unhealthy";
+/// Period of the `/bytes` pattern: a prime, so the pattern never lines up with buffer sizes and a
+/// misplaced or repeated block shows up as a wrong byte.
+const PATTERN_PERIOD: usize = 251;
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const BINARY: &str = "application/octet-stream";
+
+/// Set by the SIGTERM/SIGINT handler; everything else only reads it.
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+/// Requests handled by this process, for `/stats`.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+/// Open connections; shutdown waits for this to reach zero.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+fn main() -> ExitCode {
+    let addr = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("test-backend: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = install_signal_handlers() {
+        eprintln!("test-backend: installing signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    let listener = match bind(&addr) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("test-backend: listening on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Leaked once: every connection thread borrows the name for the life of the process.
+    let name: &'static str = Box::leak(identity().into_boxed_str());
+    let local = listener.local_addr().map_or(addr, |a| a.to_string());
+    println!("test-backend listening on {local}");
+
+    accept_loop(&listener, name);
+    drop(listener);
+    println!("test-backend draining");
+    drain();
+    println!("test-backend exit");
+    ExitCode::SUCCESS
+}
+
+/// `Ok(None)` asks for the usage text. The flag wins over `BACKEND_LISTEN`, which wins over the
+/// default.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<String>, String> {
+    let mut listen = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--listen" => listen = Some(args.next().ok_or("--listen needs an address")?),
+            _ => match arg.strip_prefix("--listen=") {
+                Some(addr) => listen = Some(addr.to_owned()),
+                None => return Err(format!("unknown argument {arg:?}")),
+            },
+        }
+    }
+    Ok(Some(listen.unwrap_or_else(|| {
+        std::env::var("BACKEND_LISTEN").unwrap_or_else(|_| DEFAULT_LISTEN.to_owned())
+    })))
+}
+
+fn bind(addr: &str) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    // Non-blocking so that accept never sleeps past a shutdown request (see `accept_loop`).
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// The name in `X-Backend` and `backend=NAME`: in Docker, the short container id.
+fn identity() -> String {
+    let non_empty = |s: String| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    std::env::var("HOSTNAME")
+        .ok()
+        .and_then(non_empty)
+        .or_else(|| fs::read_to_string("/etc/hostname").ok().and_then(non_empty))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    // An atomic store is async-signal-safe; all the real work happens on the normal threads.
+    SHUTDOWN.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() -> io::Result<()> {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: an all-zero `sigaction` is a valid value (no flags, empty mask) that we then
+        // fill in; the handler only stores to an atomic, which is async-signal-safe.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as libc::sighandler_t;
+            // SA_RESTART keeps blocking reads and writes in connection threads from failing
+            // with EINTR; poll() in the accept loop still returns early, which is what we want.
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&raw mut action.sa_mask);
+            libc::sigaction(signal, &raw const action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Accepts connections until a signal sets `SHUTDOWN`.
+fn accept_loop(listener: &TcpListener, name: &'static str) {
+    while !SHUTDOWN.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => spawn_connection(stream, name),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(listener),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // E.g. EMFILE: back off instead of spinning on an error that persists.
+                eprintln!("test-backend: accept: {e}");
+                thread::sleep(Duration::from_millis(ACCEPT_POLL_MS as u64));
+            }
+        }
+    }
+}
+
+/// Waits until a connection is pending or `ACCEPT_POLL_MS` pass. Better than a plain sleep: a new
+/// connection is taken at once rather than up to 50 ms late, and a signal cuts the wait short.
+fn wait_readable(listener: &TcpListener) {
+    let mut pollfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid, initialised pollfd for an fd that `listener` keeps open. The result does
+    // not matter: the caller just tries accept again.
+    unsafe { libc::poll(&raw mut pollfd, 1, ACCEPT_POLL_MS) };
+}
+
+fn spawn_connection(stream: TcpStream, name: &'static str) {
+    // Counted before the thread starts, so that a shutdown right now still waits for it.
+    let guard = ActiveGuard::new();
+    let spawned = thread::Builder::new()
+        .name("connection".to_owned())
+        .spawn(move || {
+            let _guard = guard;
+            serve_connection(stream, name);
+        });
+    if let Err(e) = spawned {
+        eprintln!("test-backend: spawning a connection thread: {e}");
+    }
+}
+
+/// Waits (up to `DRAIN_TIMEOUT`) for the connection threads. They close idle connections within
+/// `POLL_INTERVAL` of the signal, so what remains are the requests still being answered.
+fn drain() {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while ACTIVE.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let left = ACTIVE.load(Ordering::SeqCst);
+    if left > 0 {
+        eprintln!("test-backend: {left} connection(s) still busy after {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// Keeps `ACTIVE` equal to the number of live connection threads.
+struct ActiveGuard;
+
+impl ActiveGuard {
+    fn new() -> Self {
+        ACTIVE.fetch_add(1, Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn serve_connection(stream: TcpStream, name: &'static str) {
+    match Conn::new(stream, name) {
+        Ok(mut conn) => conn.run(),
+        Err(e) => eprintln!("test-backend: setting up a connection: {e}"),
+    }
+}
+
+/// Why a connection ends early.
+enum Abort {
+    /// The peer went away, the socket failed or stayed idle: there is no one to answer.
+    Drop,
+    /// The request broke the protocol or a limit: answer with this status, then close.
+    Reject(u16, String),
+}
+
+impl From<io::Error> for Abort {
+    fn from(_: io::Error) -> Self {
+        Self::Drop
+    }
+}
+
+fn bad_request(why: impl Into<String>) -> Abort {
+    Abort::Reject(400, why.into())
+}
+
+/// How the request body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head, owned so that the connection buffer can move on.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    path: String,
+    query: String,
+    http10: bool,
+    /// The head as received, for `/headers`.
+    head: Vec<u8>,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+impl Request {
+    fn from_parsed(parsed: &httparse::Request<'_, '_>, head: Vec<u8>) -> Result<Self, Abort> {
+        // A complete parse always fills these in.
+        let method = parsed.method.unwrap_or_default().to_owned();
+        let target = parsed.path.unwrap_or_default();
+        let http10 = parsed.version == Some(0);
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+
+        let mut connection = String::new();
+        let mut transfer_encoding = String::new();
+        let mut content_length = None;
+        let mut expect_continue = false;
+        for header in parsed.headers.iter() {
+            let name = header.name;
+            if name.eq_ignore_ascii_case("connection") {
+                append_list(&mut connection, header.value)?;
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                append_list(&mut transfer_encoding, header.value)?;
+            } else if name.eq_ignore_ascii_case("content-length") {
+                content_length = Some(parse_content_length(header.value, content_length)?);
+            } else if name.eq_ignore_ascii_case("expect") {
+                expect_continue |= header.value.eq_ignore_ascii_case(b"100-continue");
+            }
+        }
+
+        let framing = framing(&transfer_encoding, content_length)?;
+        // Both headers at once is a request-smuggling shape (RFC 9112 §6.1), and HTTP/1.0 knows
+        // no chunked: decode by Transfer-Encoding, but never trust this connection again.
+        let suspicious = !transfer_encoding.is_empty() && (content_length.is_some() || http10);
+        let keep_alive = !suspicious
+            && if http10 {
+                has_token(&connection, "keep-alive")
+            } else {
+                !has_token(&connection, "close")
+            };
+        Ok(Self {
+            method,
+            path: path.to_owned(),
+            query: query.to_owned(),
+            http10,
+            head,
+            framing,
+            keep_alive,
+            expect_continue,
+        })
+    }
+}
+
+/// Joins repeated list headers (`Connection`, `Transfer-Encoding`) into one comma list.
+fn append_list(list: &mut String, value: &[u8]) -> Result<(), Abort> {
+    let value = std::str::from_utf8(value).map_err(|_| bad_request("header is not UTF-8"))?;
+    if !list.is_empty() {
+        list.push(',');
+    }
+    list.push_str(value);
+    Ok(())
+}
+
+fn has_token(list: &str, token: &str) -> bool {
+    list.split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Parses one `Content-Length` header. Repeated values (in one header or several) must agree,
+/// otherwise the body's end is ambiguous.
+fn parse_content_length(value: &[u8], previous: Option<u64>) -> Result<u64, Abort> {
+    let invalid = || bad_request("invalid Content-Length");
+    let value = std::str::from_utf8(value).map_err(|_| invalid())?;
+    let mut length = previous;
+    for item in value.split(',').map(str::trim) {
+        // u64::from_str would also take a leading '+', which HTTP does not allow.
+        if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        let n = item.parse::<u64>().map_err(|_| invalid())?;
+        if length.is_some_and(|l| l != n) {
+            return Err(invalid());
+        }
+        length = Some(n);
+    }
+    length.ok_or_else(invalid)
+}
+
+fn framing(transfer_encoding: &str, content_length: Option<u64>) -> Result<Framing, Abort> {
+    if !transfer_encoding.is_empty() {
+        // Only a final `chunked` tells where the body ends (RFC 9112 §6.3).
+        let last = transfer_encoding.rsplit(',').next().unwrap_or_default();
+        return if last.trim().eq_ignore_ascii_case("chunked") {
+            Ok(Framing::Chunked)
+        } else {
+            Err(bad_request("unsupported Transfer-Encoding"))
+        };
+    }
+    Ok(match content_length {
+        None | Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+/// Receives the body bytes of a request, piece by piece.
+type Sink<'a> = dyn FnMut(&[u8]) -> Result<(), Abort> + 'a;
+
+/// The read side of a connection: the socket plus the bytes received but not yet used, which
+/// is what makes pipelining work.
+struct Input {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Last time the connection moved; the idle timeout counts from here.
+    last_progress: Instant,
+}
+
+impl Input {
+    /// Reads more bytes into `buf`. `Ok(false)` means end of stream, or a shutdown caught while
+    /// the connection sits between requests (`between_requests`), which closes it at once.
+    fn fill(&mut self, between_requests: bool) -> Result<bool, Abort> {
+        let start = self.buf.len();
+        self.buf.resize(start + IO_CHUNK, 0);
+        let result = loop {
+            match self.stream.read(&mut self.buf[start..]) {
+                Ok(n) => break Ok(n),
+                // The read timeout fires every POLL_INTERVAL: a chance to check the clock and flag.
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
+                    if between_requests && SHUTDOWN.load(Ordering::SeqCst) {
+                        break Ok(0);
+                    }
+                    if self.last_progress.elapsed() >= IDLE_TIMEOUT {
+                        break Err(Abort::Drop);
+                    }
+                }
+                Err(e) => break Err(Abort::from(e)),
+            }
+        };
+        let n = result.as_ref().map_or(0, |n| *n);
+        self.buf.truncate(start + n);
+        if n > 0 {
+            self.last_progress = Instant::now();
+        }
+        result.map(|n| n > 0)
+    }
+
+    /// Makes `buf` hold at least `n` bytes; the stream ending first is an aborted request.
+    fn fill_to(&mut self, n: usize) -> Result<(), Abort> {
+        while self.buf.len() < n {
+            if !self.fill(false)? {
+                return Err(Abort::Drop);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next request head, or `None` when the connection should just close.
+    fn read_request(&mut self) -> Result<Option<Request>, Abort> {
+        loop {
+            if let Some(request) = self.parse_head()? {
+                return Ok(Some(request));
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(bad_request("request head too large"));
+            }
+            // Only an empty buffer is "between requests": a half-received head is in flight.
+            if !self.fill(self.buf.is_empty())? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Parses a complete head off the front of `buf`; `None` while it is still partial.
+    fn parse_head(&mut self) -> Result<Option<Request>, Abort> {
+        // Blank lines before a request belong to no message (RFC 9112 §2.2); dropping them keeps
+        // `/headers` exact and `buf.is_empty()` meaning "idle".
+        let blank = self
+            .buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        self.buf.drain(..blank);
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        let len = match parsed.parse(&self.buf) {
+            Ok(Status::Complete(len)) => len,
+            Ok(Status::Partial) => return Ok(None),
+            Err(e) => return Err(bad_request(format!("malformed request head: {e}"))),
+        };
+        let request = Request::from_parsed(&parsed, self.buf[..len].to_vec())?;
+        self.buf.drain(..len);
+        Ok(Some(request))
+    }
+
+    /// Reads the whole body, handing each piece to `sink`. This must run for every request, even
+    /// when the body is ignored, so that the next request starts at the right byte.
+    fn read_body(&mut self, framing: Framing, sink: &mut Sink<'_>) -> Result<(), Abort> {
+        match framing {
+            Framing::Empty => Ok(()),
+            Framing::Length(n) => self.read_exact_body(n, sink),
+            Framing::Chunked => self.read_chunked_body(sink),
+        }
+    }
+
+    fn read_exact_body(&mut self, mut remaining: u64, sink: &mut Sink<'_>) -> Result<(), Abort> {
+        while remaining > 0 {
+            if self.buf.is_empty() {
+                self.fill_to(1)?;
+            }
+            let take = self
+                .buf
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            sink(&self.buf[..take])?;
+            self.buf.drain(..take);
+            remaining -= take as u64;
+        }
+        Ok(())
+    }
+
+    fn read_chunked_body(&mut self, sink: &mut Sink<'_>) -> Result<(), Abort> {
+        loop {
+            let size = self.read_chunk_size()?;
+            if size == 0 {
+                return self.skip_trailers();
+            }
+            self.read_exact_body(size, sink)?;
+            self.fill_to(2)?;
+            if !self.buf.starts_with(b"\r\n") {
+                return Err(bad_request("chunk data not followed by CRLF"));
+            }
+            self.buf.drain(..2);
+        }
+    }
+
+    fn read_chunk_size(&mut self) -> Result<u64, Abort> {
+        loop {
+            // httparse reads an empty size line as 0, which would end the body early.
+            if self.buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
+                return Err(bad_request("invalid chunk size"));
+            }
+            match httparse::parse_chunk_size(&self.buf) {
+                Ok(Status::Complete((used, size))) => {
+                    self.buf.drain(..used);
+                    return Ok(size);
+                }
+                Ok(Status::Partial) if self.buf.len() < MAX_HEAD => {
+                    let wanted = self.buf.len() + 1;
+                    self.fill_to(wanted)?;
+                }
+                _ => return Err(bad_request("invalid chunk size")),
+            }
+        }
+    }
+
+    /// Skips the trailer section after the last chunk, up to and including its blank line.
+    fn skip_trailers(&mut self) -> Result<(), Abort> {
+        let mut total = 0;
+        loop {
+            let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
+                if total + self.buf.len() >= MAX_HEAD {
+                    return Err(bad_request("trailers too large"));
+                }
+                let wanted = self.buf.len() + 1;
+                self.fill_to(wanted)?;
+                continue;
+            };
+            let blank = self.buf[..end] == *b"" || self.buf[..end] == *b"\r";
+            self.buf.drain(..=end);
+            total += end + 1;
+            if blank {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// What a handler answers; `Conn::send` adds the framing and connection headers.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Body,
+}
+
+enum Body {
+    Full(Vec<u8>),
+    /// `len` bytes of the `/bytes` pattern, generated while writing.
+    Pattern {
+        len: u64,
+        chunked: bool,
+    },
+    /// The request body itself (`Content-Length` framed), copied through while writing.
+    EchoStream(u64),
+}
+
+impl Body {
+    fn len(&self) -> u64 {
+        match self {
+            Self::Full(bytes) => bytes.len() as u64,
+            Self::Pattern { len, .. } | Self::EchoStream(len) => *len,
+        }
+    }
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: TEXT,
+            body: Body::Full(body.into().into_bytes()),
+        }
+    }
+
+    fn binary(body: Body) -> Self {
+        Self {
+            status: 200,
+            content_type: BINARY,
+            body,
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        413 => "Content Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// A status line plus the headers every response carries. `length: None` means chunked.
+fn response_head(
+    status: u16,
+    name: &str,
+    content_type: &str,
+    length: Option<u64>,
+    connection: Option<&str>,
+) -> String {
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nX-Backend: {name}\r\nContent-Type: {content_type}\r\n",
+        reason(status)
+    );
+    match length {
+        Some(n) => write!(head, "Content-Length: {n}\r\n"),
+        None => write!(head, "Transfer-Encoding: chunked\r\n"),
+    }
+    .expect("writing to a String cannot fail");
+    if let Some(value) = connection {
+        write!(head, "Connection: {value}\r\n").expect("writing to a String cannot fail");
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// One client connection, served request after request on its own thread.
+struct Conn {
+    input: Input,
+    /// A second handle on the same socket, so a body can be read and written at the same time.
+    out: TcpStream,
+    name: &'static str,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, name: &'static str) -> io::Result<Self> {
+        stream.set_nonblocking(false)?;
+        // Heads and bodies go out as separate writes; don't let Nagle hold the second one back.
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(POLL_INTERVAL))?;
+        stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
+        let out = stream.try_clone()?;
+        Ok(Self {
+            input: Input {
+                stream,
+                buf: Vec::new(),
+                last_progress: Instant::now(),
+            },
+            out,
+            name,
+        })
+    }
+
+    fn run(&mut self) {
+        loop {
+            let outcome = match self.input.read_request() {
+                Ok(Some(request)) => self.respond(&request),
+                Ok(None) => return,
+                Err(abort) => Err(abort),
+            };
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => return self.linger_close(),
+                Err(Abort::Drop) => return,
+                Err(Abort::Reject(status, why)) => return self.reject(status, &why),
+            }
+        }
+    }
+
+    /// Answers one request; `Ok(true)` keeps the connection open for the next.
+    fn respond(&mut self, request: &Request) -> Result<bool, Abort> {
+        REQUESTS.fetch_add(1, Ordering::SeqCst);
+        if request.expect_continue && request.framing != Framing::Empty && !request.http10 {
+            // Without this, curl (and others) sit out a timeout before sending a large body.
+            self.out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let response = self.route(request)?;
+        let keep_alive = self.send(request, response)?;
+        self.input.last_progress = Instant::now();
+        Ok(keep_alive)
+    }
+
+    fn route(&mut self, request: &Request) -> Result<Response, Abort> {
+        match request.path.as_str() {
+            "/echo" => return self.echo(request),
+            "/sha256" => return self.sha256(request),
+            _ => {}
+        }
+        self.input.read_body(request.framing, &mut |_| Ok(()))?;
+        let query = request.query.as_str();
+        Ok(match request.path.as_str() {
+            "/health" => health(),
+            "/set-health" => set_health(query),
+            "/delay" => delay(query, self.name),
+            "/bytes" => bytes(query),
+            "/stats" => Response::text(
+                200,
+                format!("requests={}\n", REQUESTS.load(Ordering::SeqCst)),
+            ),
+            "/headers" => Response {
+                status: 200,
+                content_type: TEXT,
+                body: Body::Full(request.head.clone()),
+            },
+            _ => greeting(self.name),
+        })
+    }
+
+    fn echo(&mut self, request: &Request) -> Result<Response, Abort> {
+        if let Framing::Length(n) = request.framing
+            && n > ECHO_BUFFER_LIMIT
+        {
+            // The length is known up front, so the body need not fit in memory: copy it through.
+            return Ok(Response::binary(Body::EchoStream(n)));
+        }
+        let mut body = match request.framing {
+            Framing::Length(n) => Vec::with_capacity(n as usize),
+            _ => Vec::new(),
+        };
+        self.input.read_body(request.framing, &mut |data| {
+            if (body.len() + data.len()) as u64 > ECHO_BUFFER_LIMIT {
+                return Err(Abort::Reject(
+                    413,
+                    "chunked /echo body over 64 MiB".to_owned(),
+                ));
+            }
+            body.extend_from_slice(data);
+            Ok(())
+        })?;
+        Ok(Response::binary(Body::Full(body)))
+    }
+
+    fn sha256(&mut self, request: &Request) -> Result<Response, Abort> {
+        let mut hasher = sha256::Sha256::default();
+        let mut len = 0u64;
+        self.input.read_body(request.framing, &mut |data| {
+            hasher.update(data);
+            len += data.len() as u64;
+            Ok(())
+        })?;
+        let digest = sha256::hex(&hasher.finalize());
+        Ok(Response::text(200, format!("{len} {digest}\n")))
+    }
+
+    /// Writes the response; `Ok(true)` if the connection stays open.
+    fn send(&mut self, request: &Request, response: Response) -> Result<bool, Abort> {
+        // Checked here, at the last moment, so a request caught by shutdown still gets its
+        // answer but is told that the connection ends.
+        let keep_alive = request.keep_alive && !SHUTDOWN.load(Ordering::SeqCst);
+        let connection = match (keep_alive, request.http10) {
+            (false, _) => Some("close"),
+            (true, true) => Some("keep-alive"),
+            (true, false) => None,
+        };
+        // HTTP/1.0 clients cannot read chunked framing; they get Content-Length instead.
+        let chunked =
+            !request.http10 && matches!(response.body, Body::Pattern { chunked: true, .. });
+        let length = (!chunked).then(|| response.body.len());
+        let head = response_head(
+            response.status,
+            self.name,
+            response.content_type,
+            length,
+            connection,
+        );
+        let with_body = request.method != "HEAD";
+        match response.body {
+            Body::Full(body) => self.write_full(head.into_bytes(), &body, with_body)?,
+            Body::Pattern { len, .. } => {
+                self.out.write_all(head.as_bytes())?;
+                if with_body {
+                    write_pattern(&mut self.out, len, chunked)?;
+                }
+            }
+            Body::EchoStream(len) => {
+                self.out.write_all(head.as_bytes())?;
+                let out = &mut self.out;
+                let mut copy = |data: &[u8]| out.write_all(data).map_err(Abort::from);
+                let mut discard = |_: &[u8]| Ok(());
+                let sink: &mut Sink<'_> = if with_body { &mut copy } else { &mut discard };
+                self.input.read_exact_body(len, sink)?;
+            }
+        }
+        self.out.flush()?;
+        Ok(keep_alive)
+    }
+
+    fn write_full(&mut self, mut head: Vec<u8>, body: &[u8], with_body: bool) -> io::Result<()> {
+        if !with_body {
+            return self.out.write_all(&head);
+        }
+        // Small bodies share the head's write, so the response leaves in one segment.
+        if body.len() <= IO_CHUNK {
+            head.extend_from_slice(body);
+            return self.out.write_all(&head);
+        }
+        self.out.write_all(&head)?;
+        self.out.write_all(body)
+    }
+
+    /// Answers a request that cannot be served, then closes.
+    fn reject(&mut self, status: u16, why: &str) {
+        let body = format!("{why}\n");
+        let head = response_head(
+            status,
+            self.name,
+            TEXT,
+            Some(body.len() as u64),
+            Some("close"),
+        );
+        if self
+            .write_full(head.into_bytes(), body.as_bytes(), true)
+            .is_ok()
+        {
+            self.linger_close();
+        }
+    }
+
+    /// Closes after a response. Closing a socket that still has unread input makes the kernel
+    /// send a RST, which can destroy the response on its way to the client; so half-close first
+    /// and read whatever still comes, until the client closes or `LINGER` passes.
+    fn linger_close(&mut self) {
+        let _ = self.out.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + LINGER;
+        let mut scratch = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.input.stream.read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+fn greeting(name: &str) -> Response {
+    Response::text(200, format!("backend={name}\n"))
+}
+
+fn health() -> Response {
+    if Path::new(UNHEALTHY_FILE).exists() {
+        Response::text(503, "unhealthy\n")
+    } else {
+        Response::text(200, "ok\n")
+    }
+}
+
+fn set_health(query: &str) -> Response {
+    let result = match query_param(query, "ok") {
+        Some("1") => match fs::remove_file(UNHEALTHY_FILE) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok("health=ok\n"),
+        },
+        Some("0") => fs::write(UNHEALTHY_FILE, b"").map(|()| "health=failing\n"),
+        _ => return Response::text(400, "usage: /set-health?ok=0|1\n"),
+    };
+    match result {
+        Ok(body) => Response::text(200, body),
+        Err(e) => Response::text(500, format!("{UNHEALTHY_FILE}: {e}\n")),
+    }
+}
+
+fn delay(query: &str, name: &str) -> Response {
+    match number_param(query, "ms") {
+        Ok(ms) => {
+            thread::sleep(Duration::from_millis(ms));
+            greeting(name)
+        }
+        Err(response) => response,
+    }
+}
+
+fn bytes(query: &str) -> Response {
+    match number_param(query, "n") {
+        Ok(len) => Response::binary(Body::Pattern {
+            len,
+            chunked: query_param(query, "chunked") == Some("1"),
+        }),
+        Err(response) => response,
+    }
+}
+
+/// The value of `key` in `a=1&b=2`; a key without `=` has the empty value.
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// A numeric query parameter, 0 when absent; a 400 response when it is not a number.
+fn number_param(query: &str, key: &str) -> Result<u64, Response> {
+    match query_param(query, key) {
+        None => Ok(0),
+        Some(v) => v
+            .parse()
+            .map_err(|_| Response::text(400, format!("{key} must be a non-negative integer\n"))),
+    }
+}
+
+/// `IO_CHUNK + PATTERN_PERIOD` bytes of the `/bytes` pattern: any write of up to `IO_CHUNK` bytes
+/// at any offset is one slice of it.
+fn pattern_block() -> &'static [u8] {
+    static BLOCK: OnceLock<Vec<u8>> = OnceLock::new();
+    BLOCK.get_or_init(|| {
+        (0..IO_CHUNK + PATTERN_PERIOD)
+            .map(|i| (i % PATTERN_PERIOD) as u8)
+            .collect()
+    })
+}
+
+/// Writes `len` pattern bytes in writes of at most `IO_CHUNK`, never holding the whole body.
+fn write_pattern(out: &mut impl io::Write, len: u64, chunked: bool) -> io::Result<()> {
+    let block = pattern_block();
+    let mut frame = Vec::with_capacity(IO_CHUNK + 16);
+    let mut offset = 0u64;
+    while offset < len {
+        let n = (len - offset).min(IO_CHUNK as u64) as usize;
+        let start = (offset % PATTERN_PERIOD as u64) as usize;
+        let data = &block[start..start + n];
+        if chunked {
+            frame.clear();
+            write!(frame, "{n:x}\r\n")?;
+            frame.extend_from_slice(data);
+            frame.extend_from_slice(b"\r\n");
+            out.write_all(&frame)?;
+        } else {
+            out.write_all(data)?;
+        }
+        offset += n as u64;
+    }
+    if chunked {
+        out.write_all(b"0\r\n\r\n")?;
+    }
+    Ok(())
+}
+
+/// SHA-256 (FIPS 180-4), streaming, so `/sha256` can hash bodies of any size. Written out here
+/// because the backend may depend on nothing beyond `httparse` and `libc`.
+mod sha256 {
+    // Round constants: the first 32 bits of the fractional parts of the cube roots of the first
+    // 64 primes.
+    #[rustfmt::skip]
+    const K: [u32; 64] = [
+        0x428a_2f98, 0x7137_4491, 0xb5c0_fbcf, 0xe9b5_dba5,
+        0x3956_c25b, 0x59f1_11f1, 0x923f_82a4, 0xab1c_5ed5,
+        0xd807_aa98, 0x1283_5b01, 0x2431_85be, 0x550c_7dc3,
+        0x72be_5d74, 0x80de_b1fe, 0x9bdc_06a7, 0xc19b_f174,
+        0xe49b_69c1, 0xefbe_4786, 0x0fc1_9dc6, 0x240c_a1cc,
+        0x2de9_2c6f, 0x4a74_84aa, 0x5cb0_a9dc, 0x76f9_88da,
+        0x983e_5152, 0xa831_c66d, 0xb003_27c8, 0xbf59_7fc7,
+        0xc6e0_0bf3, 0xd5a7_9147, 0x06ca_6351, 0x1429_2967,
+        0x27b7_0a85, 0x2e1b_2138, 0x4d2c_6dfc, 0x5338_0d13,
+        0x650a_7354, 0x766a_0abb, 0x81c2_c92e, 0x9272_2c85,
+        0xa2bf_e8a1, 0xa81a_664b, 0xc24b_8b70, 0xc76c_51a3,
+        0xd192_e819, 0xd699_0624, 0xf40e_3585, 0x106a_a070,
+        0x19a4_c116, 0x1e37_6c08, 0x2748_774c, 0x34b0_bcb5,
+        0x391c_0cb3, 0x4ed8_aa4a, 0x5b9c_ca4f, 0x682e_6ff3,
+        0x748f_82ee, 0x78a5_636f, 0x84c8_7814, 0x8cc7_0208,
+        0x90be_fffa, 0xa450_6ceb, 0xbef9_a3f7, 0xc671_78f2,
+    ];
+
+    const INITIAL_STATE: [u32; 8] = [
+        0x6a09_e667,
+        0xbb67_ae85,
+        0x3c6e_f372,
+        0xa54f_f53a,
+        0x510e_527f,
+        0x9b05_688c,
+        0x1f83_d9ab,
+        0x5be0_cd19,
+    ];
+
+    pub struct Sha256 {
+        state: [u32; 8],
+        /// A partly filled block, waiting for more input.
+        block: [u8; 64],
+        filled: usize,
+        /// Message length in bytes, for the final padding.
+        total: u64,
+    }
+
+    impl Default for Sha256 {
+        fn default() -> Self {
+            Self {
+                state: INITIAL_STATE,
+                block: [0; 64],
+                filled: 0,
+                total: 0,
+            }
+        }
+    }
+
+    impl Sha256 {
+        pub fn update(&mut self, mut data: &[u8]) {
+            self.total = self.total.wrapping_add(data.len() as u64);
+            while !data.is_empty() {
+                if self.filled == 0
+                    && let Some((block, rest)) = data.split_first_chunk::<64>()
+                {
+                    // Whole blocks straight from the input, without copying.
+                    compress(&mut self.state, block);
+                    data = rest;
+                    continue;
+                }
+                let take = (64 - self.filled).min(data.len());
+                self.block[self.filled..self.filled + take].copy_from_slice(&data[..take]);
+                self.filled += take;
+                data = &data[take..];
+                if self.filled == 64 {
+                    compress(&mut self.state, &self.block);
+                    self.filled = 0;
+                }
+            }
+        }
+
+        pub fn finalize(mut self) -> [u8; 32] {
+            let bit_len = self.total.wrapping_mul(8);
+            // Padding: 0x80, zeros up to 56 mod 64, then the length in bits, big-endian.
+            self.update(&[0x80]);
+            while self.filled != 56 {
+                self.update(&[0]);
+            }
+            self.update(&bit_len.to_be_bytes());
+            debug_assert_eq!(self.filled, 0);
+            let mut digest = [0u8; 32];
+            for (out, word) in digest.chunks_exact_mut(4).zip(self.state) {
+                out.copy_from_slice(&word.to_be_bytes());
+            }
+            digest
+        }
+    }
+
+    fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
+        let mut w = [0u32; 64];
+        for (word, bytes) in w.iter_mut().zip(block.chunks_exact(4)) {
+            *word = u32::from_be_bytes(bytes.try_into().expect("chunks of 4"));
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        // v = [a, b, c, d, e, f, g, h]
+        let mut v = *state;
+        for (k, w) in K.iter().zip(w) {
+            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
+            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
+            let t1 = v[7]
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(*k)
+                .wrapping_add(w);
+            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
+            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
+            // Every variable moves down one slot (h = g, …, b = a); only a and e get new values.
+            v.rotate_right(1);
+            v[0] = t1.wrapping_add(s0.wrapping_add(maj));
+            v[4] = v[4].wrapping_add(t1);
+        }
+        for (s, x) in state.iter_mut().zip(v) {
+            *s = s.wrapping_add(x);
+        }
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes
+            .iter()
+            .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+                use std::fmt::Write as _;
+                write!(s, "{b:02x}").expect("writing to a String cannot fail");
+                s
+            })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::{Sha256, hex};
+
+        fn digest(pieces: &[&[u8]]) -> String {
+            let mut hasher = Sha256::default();
+            for piece in pieces {
+                hasher.update(piece);
+            }
+            hex(&hasher.finalize())
+        }
+
+        #[test]
+        fn known_digests() {
+            assert_eq!(
+                digest(&[b"abc"]),
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            );
+            assert_eq!(
+                digest(&[]),
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            );
+            // Two blocks of padding: the 56-byte message leaves no room for the length.
+            assert_eq!(
+                digest(&[b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"]),
+                "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+            );
+        }
+
+        #[test]
+        fn split_input_gives_the_same_digest() {
+            let million = vec![b'a'; 1_000_000];
+            let expected = "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0";
+            assert_eq!(digest(&[&million]), expected);
+            let (a, rest) = million.split_at(1);
+            let (b, rest) = rest.split_at(63);
+            let (c, d) = rest.split_at(1000);
+            assert_eq!(digest(&[a, b, c, d]), expected);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `exchange_bytes`, read as text.
+    fn exchange(raw: &[u8]) -> String {
+        String::from_utf8_lossy(&exchange_bytes(raw)).into_owned()
+    }
+
+    /// Serves one connection on loopback, sends `raw`, half-closes and returns all that came back.
+    fn exchange_bytes(raw: &[u8]) -> Vec<u8> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve_connection(stream, "unit");
+        });
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(raw).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        server.join().unwrap();
+        reply
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param("a=1&b=2", "b"), Some("2"));
+        assert_eq!(query_param("a=1&flag", "flag"), Some(""));
+        assert_eq!(query_param("a=1", "c"), None);
+        assert_eq!(query_param("", "a"), None);
+    }
+
+    #[test]
+    fn content_length_values_must_agree() {
+        assert!(matches!(parse_content_length(b"12", None), Ok(12)));
+        assert!(matches!(parse_content_length(b"5, 5", None), Ok(5)));
+        assert!(parse_content_length(b"5, 6", None).is_err());
+        assert!(parse_content_length(b"5", Some(6)).is_err());
+        assert!(parse_content_length(b"+5", None).is_err());
+        assert!(parse_content_length(b"", None).is_err());
+    }
+
+    #[test]
+    fn pipelined_requests_with_chunked_body() {
+        let reply = exchange(
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+              POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n\
+              GET /headers HTTP/1.1\r\nHost: b\r\n\r\n",
+        );
+        assert_eq!(reply.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{reply}");
+        assert!(reply.contains("X-Backend: unit\r\n"));
+        assert!(reply.contains("\r\n\r\nbackend=unit\n"));
+        assert!(reply.contains("Content-Length: 5\r\n\r\nabcde"));
+        assert!(reply.ends_with("\r\n\r\nGET /headers HTTP/1.1\r\nHost: b\r\n\r\n"));
+    }
+
+    #[test]
+    fn sha256_of_content_length_body() {
+        let reply =
+            exchange(b"PUT /sha256 HTTP/1.1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc");
+        assert!(reply.contains("Connection: close\r\n"));
+        assert!(reply.ends_with(
+            "\r\n\r\n3 ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+        ));
+    }
+
+    #[test]
+    fn http10_closes_unless_keep_alive_is_asked() {
+        let reply = exchange(b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\n\r\n");
+        assert_eq!(reply.matches("HTTP/1.1 200").count(), 1);
+        assert!(reply.contains("Connection: close\r\n"));
+
+        let reply =
+            exchange(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET / HTTP/1.0\r\n\r\n");
+        assert_eq!(reply.matches("HTTP/1.1 200").count(), 2);
+        assert!(reply.contains("Connection: keep-alive\r\n"));
+    }
+
+    #[test]
+    fn bytes_pattern_and_head() {
+        let reply = exchange_bytes(b"GET /bytes?n=300 HTTP/1.1\r\n\r\n");
+        let head_end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let body = &reply[head_end + 4..];
+        assert_eq!(body.len(), 300);
+        assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+
+        let reply = exchange(b"GET /bytes?n=300&chunked=1 HTTP/1.1\r\n\r\n");
+        assert!(reply.contains("Transfer-Encoding: chunked\r\n\r\n12c\r\n"));
+        assert!(reply.ends_with("\r\n0\r\n\r\n"));
+
+        let reply = exchange(b"HEAD /bytes?n=1000 HTTP/1.1\r\n\r\n");
+        assert!(reply.contains("Content-Length: 1000\r\n"));
+        assert!(reply.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn malformed_input_gets_400_and_close() {
+        for raw in [
+            &b"NOT HTTP\r\n\r\n"[..],
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            let reply = exchange(raw);
+            assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{reply}");
+            assert!(reply.contains("Connection: close\r\n"));
+        }
+    }
+
+    #[test]
+    fn bad_parameter_keeps_the_connection() {
+        let reply = exchange(b"GET /delay?ms=x HTTP/1.1\r\n\r\nGET /delay?ms=1 HTTP/1.1\r\n\r\n");
+        assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        assert!(reply.ends_with("backend=unit\n"));
+    }
+}

@@ -1,0 +1,82 @@
+//! Containers on the real engine, through the docker CLI, removed when the test ends.
+use std::process::Command;
+
+/// Images built by `cargo xtask setup`.
+pub const BACKEND_IMAGE: &str = "router-local/backend";
+pub const NGINX_IMAGE: &str = "router-local/nginx";
+pub const CURL_IMAGE: &str = "router-local/curl";
+
+/// The docker client that matches the engine `cargo xtask setup` installs.
+fn docker_bin() -> &'static str {
+    if std::path::Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" }
+}
+
+/// Runs `docker args..` and returns stdout; panics with stderr on failure.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new(docker_bin())
+        .args(args)
+        .output()
+        .expect("docker CLI runs (did `cargo xtask setup` run?)");
+    assert!(
+        out.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Like [`docker`] but returns whether it succeeded.
+pub fn docker_ok(args: &[&str]) -> bool {
+    Command::new(docker_bin())
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A container started by a test; force-removed on drop.
+pub struct Container {
+    pub id: String,
+    pub name: String,
+}
+
+impl Container {
+    /// `docker run -d --name <name> <args..>` (args include labels and the image).
+    pub fn run(name: &str, args: &[&str]) -> Self {
+        let mut all = vec!["run", "-d", "--name", name, "--label", "router-test=1"];
+        all.extend_from_slice(args);
+        let id = docker(&all);
+        Self { id, name: name.to_owned() }
+    }
+
+    /// A `router-local/backend` container with these labels (`key=value`).
+    pub fn backend(name: &str, labels: &[&str]) -> Self {
+        Self::run(name, &with_labels(labels, &[BACKEND_IMAGE]))
+    }
+
+    pub fn short_id(&self) -> &str {
+        &self.id[..12]
+    }
+
+    /// Its IPv4 address on the default bridge.
+    pub fn ip(&self) -> String {
+        docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &self.id])
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new(docker_bin()).args(["rm", "-f", &self.id]).output();
+    }
+}
+
+/// `--label k=v` for each label, followed by `rest`.
+pub fn with_labels<'a>(labels: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = Vec::new();
+    for label in labels {
+        args.push("--label");
+        args.push(*label);
+    }
+    args.extend_from_slice(rest);
+    args
+}

@@ -1,0 +1,94 @@
+//! Builds: the eBPF object alone, the agent, the test backend, and the test run.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+
+/// `cargo xtask build-ebpf`: the same nightly build aya-build runs from the agent's build script,
+/// into `target/ebpf`.
+pub fn ebpf() -> anyhow::Result<PathBuf> {
+    let root = cmd::workspace_root();
+    let target_dir = root.join("target/ebpf");
+    let status = Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--package",
+            "router-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .current_dir(&root)
+        .status()
+        .context("could not start rustup; is the nightly toolchain installed?")?;
+    if !status.success() {
+        bail!("building router-ebpf failed ({status}); `cargo xtask setup` installs what it needs");
+    }
+    Ok(target_dir.join("bpfel-unknown-none/release/router"))
+}
+
+/// Release build of every host crate at once: the agent, the test backend, the tests.
+///
+/// One invocation over the default members keeps dependency features unified, so switching
+/// between building, testing and the demo does not rebuild anything.
+fn release_build() -> anyhow::Result<()> {
+    cargo(&["build", "--release", "--bins", "--tests"])
+}
+
+/// The agent binary the demo and the end-to-end tests run.
+pub fn agent() -> anyhow::Result<PathBuf> {
+    release_build()?;
+    Ok(cmd::workspace_root().join("target/release/router-agent"))
+}
+
+/// The end-to-end tests' HTTP backend, which goes into an image.
+pub fn test_backend() -> anyhow::Result<PathBuf> {
+    release_build()?;
+    Ok(cmd::workspace_root().join("target/release/test-backend"))
+}
+
+/// `cargo xtask test`: every test of the workspace, unit and end-to-end, one at a time: the
+/// end-to-end tests share one Docker engine and two cores, and their timing assertions need
+/// them quiet. Extra arguments are passed to the test harness (a name filter, `--nocapture`).
+pub fn test(extra: &[String]) -> anyhow::Result<()> {
+    let agent = agent()?;
+    let mut args = vec!["test", "--release", "--", "--test-threads=1"];
+    args.extend(extra.iter().map(String::as_str));
+    let status = Command::new("cargo")
+        .args(&args)
+        .env("ROUTER_AGENT_BIN", &agent)
+        .current_dir(cmd::workspace_root())
+        .status()
+        .context("could not start cargo")?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("cargo")
+        .args(args)
+        .current_dir(cmd::workspace_root())
+        .status()
+        .context("could not start cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! Developer workflows: `cargo xtask <command>`.
+//!
+//! Every workflow starts with the idempotent `setup` so that one command works on a bare machine:
+//! it installs what is missing and does nothing when all is present.
+mod build;
+mod cmd;
+mod demo;
+mod dockerd;
+mod images;
+mod setup;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "router workspace tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what a fresh machine lacks (apt packages, nightly rust-src, bpf-linker), start
+    /// dockerd on the 198.18.0.0/16 range and build the local images.
+    Setup,
+    /// Build the eBPF object alone (nightly, bpfel-unknown-none) and print its path.
+    BuildEbpf,
+    /// Run the seed example: the agent, two `restserver` replicas behind `restserver.local`, and
+    /// a `restclient` container whose output is shown.
+    Demo {
+        /// How long to let the client run, in seconds.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
+    /// Run every test: unit tests and the end-to-end suite against the real dockerd.
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => build::ebpf().map(|path| println!("{}", path.display())),
+        Command::Demo { seconds } => {
+            setup::run()?;
+            demo::run(seconds)
+        }
+        Command::Test { args } => {
+            setup::run()?;
+            build::test(&args)
+        }
+    }
+}
