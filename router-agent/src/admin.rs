@@ -1,6 +1,9 @@
 //! The admin API: `/api/routes`, `/api/containers`, `/healthz`, `/metrics` (JSON and
 //! Prometheus text, one request per connection).
-use std::{sync::{Arc, atomic::Ordering}, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use serde::Serialize;
 use serde_json::json;
@@ -46,7 +49,8 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
     let path = loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await??;
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await??;
         if n == 0 {
             return Ok(());
         }
@@ -57,7 +61,8 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             Ok(httparse::Status::Complete(_)) => {
                 let method = request.method.unwrap_or_default();
                 let path = request.path.unwrap_or_default();
-                break (method == "GET").then(|| path.split('?').next().unwrap_or_default().to_owned());
+                break (method == "GET")
+                    .then(|| path.split('?').next().unwrap_or_default().to_owned());
             }
             Ok(httparse::Status::Partial) if len < buf.len() => {}
             _ => break None,
@@ -68,8 +73,17 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         Some("/api/containers") => (200, "application/json", containers_json(state)),
         Some("/healthz") => (200, "application/json", healthz_json(state)),
         Some("/metrics") => (200, "text/plain; version=0.0.4", state.metrics.render()),
-        Some(_) => (404, "application/json", json!({"error": "not found; try /api/routes, /api/containers, /healthz, /metrics"}).to_string()),
-        None => (400, "application/json", json!({"error": "send GET requests"}).to_string()),
+        Some(_) => (
+            404,
+            "application/json",
+            json!({"error": "not found; try /api/routes, /api/containers, /healthz, /metrics"})
+                .to_string(),
+        ),
+        None => (
+            400,
+            "application/json",
+            json!({"error": "send GET requests"}).to_string(),
+        ),
     };
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -129,7 +143,11 @@ fn routes_json(state: &AdminState) -> String {
 fn route_json(route: &Route) -> RouteJson<'_> {
     RouteJson {
         domain: &route.domain,
-        path: if route.listen_port.is_some() { "" } else { &route.path },
+        path: if route.listen_port.is_some() {
+            ""
+        } else {
+            &route.path
+        },
         scheme: route.scheme,
         listen_port: route.listen_port,
         internal: route.internal,

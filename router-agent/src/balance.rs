@@ -115,7 +115,11 @@ mod tests {
     #[test]
     fn nothing_to_pick() {
         assert!(Schedule::new(&[], Arc::default()).next(&[]).is_none());
-        assert!(Schedule::new(&[None, Some(0)], Arc::default()).next(&[]).is_none());
+        assert!(
+            Schedule::new(&[None, Some(0)], Arc::default())
+                .next(&[])
+                .is_none()
+        );
         let schedule = Schedule::new(&[Some(1), Some(1)], Arc::default());
         assert!(schedule.next(&[0, 1]).is_none());
         assert_eq!(schedule.next(&[0]), Some(1));

@@ -11,10 +11,15 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         match (self.network, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                mask_eq(u128::from(net.to_bits()), u128::from(ip.to_bits()), 32, self.prefix)
+            (IpAddr::V4(net), IpAddr::V4(ip)) => mask_eq(
+                u128::from(net.to_bits()),
+                u128::from(ip.to_bits()),
+                32,
+                self.prefix,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask_eq(net.to_bits(), ip.to_bits(), 128, self.prefix)
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => mask_eq(net.to_bits(), ip.to_bits(), 128, self.prefix),
             _ => false,
         }
     }
@@ -115,7 +120,14 @@ mod tests {
 
     #[test]
     fn bad_cidrs() {
-        for bad in ["", "198.18.0.0/33", "198.18/16", "x/8", "::/129", "1.2.3.4/-1"] {
+        for bad in [
+            "",
+            "198.18.0.0/33",
+            "198.18/16",
+            "x/8",
+            "::/129",
+            "1.2.3.4/-1",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }

@@ -237,7 +237,13 @@ mod tests {
             "listen = [\"127.0.0.1:8080\"]\ndefault_domain = \"corp\"\nidle_timeout_ms = 500\n",
         )
         .unwrap();
-        let cli = Cli::parse_from(["router-agent", "--config", path.to_str().unwrap(), "--default-domain", "test"]);
+        let cli = Cli::parse_from([
+            "router-agent",
+            "--config",
+            path.to_str().unwrap(),
+            "--default-domain",
+            "test",
+        ]);
         let config = Config::load(cli).unwrap();
         assert_eq!(config.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
         assert_eq!(config.default_domain, "test");

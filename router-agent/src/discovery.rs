@@ -51,12 +51,21 @@ pub enum Update {
     Container(ContainerInfo),
     /// `kill` (a terminating signal) or `stop`: no new requests. (A paused container is
     /// found not running and is `Gone`: it would hold connections without answering.)
-    Stopping { id: String },
+    Stopping {
+        id: String,
+    },
     /// `die`, `destroy`, or found not running.
-    Gone { id: String },
-    DockerHealth { id: String, health: DockerHealth },
+    Gone {
+        id: String,
+    },
+    DockerHealth {
+        id: String,
+        health: DockerHealth,
+    },
     /// The complete set of labeled running containers after a (re)connect.
-    Resynced { ids: HashSet<String> },
+    Resynced {
+        ids: HashSet<String>,
+    },
     /// Subnets of the engine's networks.
     Networks(Vec<Cidr>),
     EngineConnected(bool),
@@ -68,7 +77,11 @@ pub type DockerHandle = Arc<ArcSwapOption<Docker>>;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-pub async fn run(docker_host: String, updates: mpsc::UnboundedSender<Update>, handle: DockerHandle) {
+pub async fn run(
+    docker_host: String,
+    updates: mpsc::UnboundedSender<Update>,
+    handle: DockerHandle,
+) {
     let mut backoff = MIN_BACKOFF;
     loop {
         match connect(&docker_host).await {
@@ -80,10 +93,14 @@ pub async fn run(docker_host: String, updates: mpsc::UnboundedSender<Update>, ha
                 match outcome {
                     // The session worked for a while: start the backoff over.
                     Ok(()) => backoff = MIN_BACKOFF,
-                    Err(e) => warn!("Docker engine at {docker_host}: {e:#}; keeping the known routes and reconnecting"),
+                    Err(e) => warn!(
+                        "Docker engine at {docker_host}: {e:#}; keeping the known routes and reconnecting"
+                    ),
                 }
             }
-            Err(e) => warn!("cannot reach the Docker engine at {docker_host}: {e:#}; retrying in {backoff:?} (set --docker-host if it lives elsewhere)"),
+            Err(e) => warn!(
+                "cannot reach the Docker engine at {docker_host}: {e:#}; retrying in {backoff:?} (set --docker-host if it lives elsewhere)"
+            ),
         }
         if updates.is_closed() {
             return;
@@ -132,7 +149,10 @@ async fn follow(docker: &Docker, updates: &mpsc::UnboundedSender<Update>) -> any
             let _ = updates.send(Update::Container(info));
         }
     }
-    info!("Docker engine connected: {} labeled container(s) running", ids.len());
+    info!(
+        "Docker engine connected: {} labeled container(s) running",
+        ids.len()
+    );
     let _ = updates.send(Update::Resynced { ids });
     let _ = updates.send(Update::EngineConnected(true));
 
@@ -189,7 +209,11 @@ async fn container_event(
     debug!(container = %short(&id), action, "docker event");
     match verb {
         "start" | "unpause" | "pause" | "rename" => reinspect(docker, &id, updates).await?,
-        "kill" if attributes.get("signal").is_some_and(|s| is_terminating_signal(s)) => {
+        "kill"
+            if attributes
+                .get("signal")
+                .is_some_and(|s| is_terminating_signal(s)) =>
+        {
             let _ = updates.send(Update::Stopping { id });
         }
         "stop" => {
@@ -199,7 +223,10 @@ async fn container_event(
             let _ = updates.send(Update::Gone { id });
         }
         "health_status" => {
-            if let Some(health) = action.split_once(':').and_then(|(_, s)| DockerHealth::from_docker(s)) {
+            if let Some(health) = action
+                .split_once(':')
+                .and_then(|(_, s)| DockerHealth::from_docker(s))
+            {
                 let _ = updates.send(Update::DockerHealth { id, health });
             }
         }
@@ -212,10 +239,17 @@ async fn container_event(
 /// a server must not drain it.
 fn is_terminating_signal(signal: &str) -> bool {
     let signal = signal.trim().trim_start_matches("SIG");
-    matches!(signal, "2" | "3" | "9" | "15" | "INT" | "QUIT" | "KILL" | "TERM")
+    matches!(
+        signal,
+        "2" | "3" | "9" | "15" | "INT" | "QUIT" | "KILL" | "TERM"
+    )
 }
 
-async fn reinspect(docker: &Docker, id: &str, updates: &mpsc::UnboundedSender<Update>) -> anyhow::Result<()> {
+async fn reinspect(
+    docker: &Docker,
+    id: &str,
+    updates: &mpsc::UnboundedSender<Update>,
+) -> anyhow::Result<()> {
     match inspect(docker, id).await? {
         Some(info) if labels::is_router_container(&info.labels) => {
             let _ = updates.send(Update::Container(info));
@@ -232,7 +266,9 @@ async fn reinspect(docker: &Docker, id: &str, updates: &mpsc::UnboundedSender<Up
 async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<ContainerInfo>> {
     match docker.inspect_container(id, None).await {
         Ok(details) => Ok(Some(details)),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
         Err(e) => Err(e.into()),
     }
     .map(|details| details.and_then(container_info))
@@ -286,7 +322,10 @@ pub fn choose_address(host_network: bool, sorted_networks: &[NetworkAddress]) ->
         .find_map(|n| n.address.parse::<Ipv4Addr>().ok().map(IpAddr::V4))
 }
 
-async fn send_networks(docker: &Docker, updates: &mpsc::UnboundedSender<Update>) -> anyhow::Result<()> {
+async fn send_networks(
+    docker: &Docker,
+    updates: &mpsc::UnboundedSender<Update>,
+) -> anyhow::Result<()> {
     let networks = docker
         .list_networks(Some(ListNetworksOptions::default()))
         .await?;
@@ -309,7 +348,10 @@ mod tests {
     use super::*;
 
     fn net(network: &str, address: &str) -> NetworkAddress {
-        NetworkAddress { network: network.into(), address: address.into() }
+        NetworkAddress {
+            network: network.into(),
+            address: address.into(),
+        }
     }
 
     #[test]
@@ -318,7 +360,10 @@ mod tests {
         assert_eq!(choose_address(true, &[]), ip("127.0.0.1"));
         assert_eq!(choose_address(false, &[]), None);
         assert_eq!(
-            choose_address(false, &[net("app", "198.18.2.5"), net("bridge", "198.18.0.5")]),
+            choose_address(
+                false,
+                &[net("app", "198.18.2.5"), net("bridge", "198.18.0.5")]
+            ),
             ip("198.18.2.5")
         );
         assert_eq!(

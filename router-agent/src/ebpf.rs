@@ -23,8 +23,11 @@ pub struct KernelOffload {
 
 impl KernelOffload {
     pub fn load() -> anyhow::Result<Self> {
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/router")))
-            .context("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/router"
+        )))
+        .context("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
         let sockhash: SockHash<MapData, u64> = ebpf
             .take_map(maps::SOCKHASH)
             .context("the eBPF object has no SOCKHASH map")?

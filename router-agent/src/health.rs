@@ -185,7 +185,11 @@ mod tests {
             (3, 2, "+++--+++", "PPUUDDDU"),
         ];
         for (s, f, results, expected) in cases {
-            assert_eq!(run(s, f, results), expected, "success={s} failure={f} {results}");
+            assert_eq!(
+                run(s, f, results),
+                expected,
+                "success={s} failure={f} {results}"
+            );
         }
     }
 
@@ -198,19 +202,41 @@ mod tests {
         };
         let cases = [
             (BackendHealth::new(None, None), BackendState::Up),
-            (BackendHealth::new(Some(ProbeTracker::new(1, 1)), None), BackendState::Starting),
+            (
+                BackendHealth::new(Some(ProbeTracker::new(1, 1)), None),
+                BackendState::Starting,
+            ),
             (BackendHealth::new(Some(passing()), None), BackendState::Up),
-            (BackendHealth::new(None, Some(DockerHealth::Starting)), BackendState::Starting),
-            (BackendHealth::new(None, Some(DockerHealth::Healthy)), BackendState::Up),
-            (BackendHealth::new(None, Some(DockerHealth::Unhealthy)), BackendState::Down),
-            (BackendHealth::new(Some(passing()), Some(DockerHealth::Starting)), BackendState::Starting),
-            (BackendHealth::new(Some(passing()), Some(DockerHealth::Unhealthy)), BackendState::Down),
+            (
+                BackendHealth::new(None, Some(DockerHealth::Starting)),
+                BackendState::Starting,
+            ),
+            (
+                BackendHealth::new(None, Some(DockerHealth::Healthy)),
+                BackendState::Up,
+            ),
+            (
+                BackendHealth::new(None, Some(DockerHealth::Unhealthy)),
+                BackendState::Down,
+            ),
+            (
+                BackendHealth::new(Some(passing()), Some(DockerHealth::Starting)),
+                BackendState::Starting,
+            ),
+            (
+                BackendHealth::new(Some(passing()), Some(DockerHealth::Unhealthy)),
+                BackendState::Down,
+            ),
         ];
         for (i, (health, expected)) in cases.into_iter().enumerate() {
             assert_eq!(health.state(), expected, "case {i}");
             let mut draining = health.clone();
             draining.draining = true;
-            assert_eq!(draining.state(), BackendState::Draining, "case {i} draining");
+            assert_eq!(
+                draining.state(),
+                BackendState::Draining,
+                "case {i} draining"
+            );
         }
     }
 

@@ -161,7 +161,9 @@ pub fn parse(
                     Ok(route) if routes.iter().any(|r| same_route(r, &route)) => fail(
                         key,
                         value,
-                        format!("duplicate route {entry:?}: each route may appear once per container"),
+                        format!(
+                            "duplicate route {entry:?}: each route may appear once per container"
+                        ),
                     ),
                     Ok(route) => routes.push(route),
                     Err(reason) => fail(key, value, format!("route {entry:?}: {reason}")),
@@ -176,7 +178,11 @@ pub fn parse(
                 },
                 "weight" => match value.trim().parse::<u32>() {
                     Ok(w) if w <= MAX_WEIGHT => weight = w,
-                    _ => fail(key, value, format!("must be an integer from 0 to {MAX_WEIGHT}")),
+                    _ => fail(
+                        key,
+                        value,
+                        format!("must be an integer from 0 to {MAX_WEIGHT}"),
+                    ),
                 },
                 _ => fail(
                     key,
@@ -282,9 +288,11 @@ impl ProbeTiming {
             "success_threshold" => self.success_threshold = positive()?,
             "failure_threshold" => self.failure_threshold = positive()?,
             _ => {
-                return Err("unknown probe label; known: url, cmd, initial_delay_seconds, \
+                return Err(
+                    "unknown probe label; known: url, cmd, initial_delay_seconds, \
                             timeout_seconds, period_seconds, success_threshold, failure_threshold"
-                    .into());
+                        .into(),
+                );
             }
         }
         Ok(())
@@ -310,7 +318,11 @@ fn parse_port(text: &str) -> Result<u16, String> {
 }
 
 /// `[scheme://]host[:port][/context_path]`.
-fn parse_route(entry: &str, container_port: u16, default_domain: &str) -> Result<RouteSpec, String> {
+fn parse_route(
+    entry: &str,
+    container_port: u16,
+    default_domain: &str,
+) -> Result<RouteSpec, String> {
     let (scheme, rest) = match entry.split_once("://") {
         None => (Scheme::Http, entry),
         Some(("http", rest)) => (Scheme::Http, rest),
@@ -336,7 +348,10 @@ fn parse_route(entry: &str, container_port: u16, default_domain: &str) -> Result
                 return Err("tcp routes have no context path".into());
             }
             let Some(listen_port) = listen_port else {
-                return Err("tcp routes need the port the router listens on, e.g. tcp://redis.local:16379".into());
+                return Err(
+                    "tcp routes need the port the router listens on, e.g. tcp://redis.local:16379"
+                        .into(),
+                );
             };
             Ok(RouteSpec {
                 scheme,
@@ -380,12 +395,17 @@ fn validate_domain(domain: &str) -> Result<(), String> {
         return Err(format!("domain longer than {MAX_DOMAIN_LEN} characters"));
     }
     if domain.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err(format!("domains are lower-case: write {:?}", domain.to_ascii_lowercase()));
+        return Err(format!(
+            "domains are lower-case: write {:?}",
+            domain.to_ascii_lowercase()
+        ));
     }
     for label in domain.split('.') {
         let valid = !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !valid {
@@ -407,9 +427,7 @@ fn parse_context_path(path: &str) -> Result<String, String> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_/.".contains(&b));
     if !valid {
-        return Err(format!(
-            "context path {path:?} must match ^/[a-z0-9-_/.]+$"
-        ));
+        return Err(format!("context path {path:?} must match ^/[a-z0-9-_/.]+$"));
     }
     // "/api/" and "/api" route the same requests; keep one spelling.
     Ok(path.trim_end_matches('/').to_owned())
@@ -486,10 +504,19 @@ mod tests {
         assert!(spec.sticky);
         assert_eq!(spec.weight, 100);
         let probe = spec.probe.unwrap();
-        assert_eq!(probe.kind, ProbeKind::Http { port: 80, path: "/".into() });
+        assert_eq!(
+            probe.kind,
+            ProbeKind::Http {
+                port: 80,
+                path: "/".into()
+            }
+        );
         assert_eq!(probe.initial_delay, Duration::from_secs(2));
         assert_eq!(probe.timeout, Duration::from_secs(2));
-        assert_eq!(probe.period, Duration::from_secs(probe_defaults::PERIOD_SECONDS));
+        assert_eq!(
+            probe.period,
+            Duration::from_secs(probe_defaults::PERIOD_SECONDS)
+        );
         assert_eq!(probe.failure_threshold, probe_defaults::FAILURE_THRESHOLD);
     }
 
@@ -497,11 +524,23 @@ mod tests {
     fn valid_routes() {
         let cases: &[(&str, &[RouteSpec])] = &[
             ("web", &[route("web.local", "/", 8080)]),
-            ("http://web.example.com/api", &[route("web.example.com", "/api", 8080)]),
+            (
+                "http://web.example.com/api",
+                &[route("web.example.com", "/api", 8080)],
+            ),
             ("web.local/api/", &[route("web.local", "/api", 8080)]),
-            ("a.local;b.local/x", &[route("a.local", "/", 8080), route("b.local", "/x", 8080)]),
-            ("a.local; b.local", &[route("a.local", "/", 8080), route("b.local", "/", 8080)]),
-            ("a.local/v1.2/x_y-z", &[route("a.local", "/v1.2/x_y-z", 8080)]),
+            (
+                "a.local;b.local/x",
+                &[route("a.local", "/", 8080), route("b.local", "/x", 8080)],
+            ),
+            (
+                "a.local; b.local",
+                &[route("a.local", "/", 8080), route("b.local", "/", 8080)],
+            ),
+            (
+                "a.local/v1.2/x_y-z",
+                &[route("a.local", "/v1.2/x_y-z", 8080)],
+            ),
         ];
         for (value, expected) in cases {
             let spec = parse(&labels(&[("aliyun.routing.port_8080", value)]), "local")
@@ -522,7 +561,11 @@ mod tests {
         .unwrap();
         let ws = spec.routes.iter().find(|r| r.container_port == 80).unwrap();
         assert_eq!((ws.scheme, ws.domain.as_str()), (Scheme::Ws, "chat.local"));
-        let tcp = spec.routes.iter().find(|r| r.container_port == 6379).unwrap();
+        let tcp = spec
+            .routes
+            .iter()
+            .find(|r| r.container_port == 6379)
+            .unwrap();
         assert_eq!((tcp.scheme, tcp.listen_port), (Scheme::Tcp, Some(16379)));
     }
 
@@ -533,16 +576,48 @@ mod tests {
             ("aliyun.routing.port_80", "web..local", "DNS name"),
             ("aliyun.routing.port_80", "-web.local", "DNS name"),
             ("aliyun.routing.port_80", "web_1.local", "DNS name"),
-            ("aliyun.routing.port_80", &format!("{}.local", "a".repeat(130)), "longer than 128"),
+            (
+                "aliyun.routing.port_80",
+                &format!("{}.local", "a".repeat(130)),
+                "longer than 128",
+            ),
             ("aliyun.routing.port_80", "web.local/API", "context path"),
             ("aliyun.routing.port_80", "web.local/a b", "context path"),
-            ("aliyun.routing.port_80", "https://web.local", "not supported"),
-            ("aliyun.routing.port_80", "ftp://web.local", "unknown scheme"),
-            ("aliyun.routing.port_80", "web.local:8080", "only allowed on tcp"),
-            ("aliyun.routing.port_80", "tcp://redis.local", "need the port"),
-            ("aliyun.routing.port_80", "tcp://redis.local:1/x", "no context path"),
-            ("aliyun.routing.port_80", "a.local;a.local", "duplicate route"),
-            ("aliyun.routing.port_80", "a.local/x;a.local/x/", "duplicate route"),
+            (
+                "aliyun.routing.port_80",
+                "https://web.local",
+                "not supported",
+            ),
+            (
+                "aliyun.routing.port_80",
+                "ftp://web.local",
+                "unknown scheme",
+            ),
+            (
+                "aliyun.routing.port_80",
+                "web.local:8080",
+                "only allowed on tcp",
+            ),
+            (
+                "aliyun.routing.port_80",
+                "tcp://redis.local",
+                "need the port",
+            ),
+            (
+                "aliyun.routing.port_80",
+                "tcp://redis.local:1/x",
+                "no context path",
+            ),
+            (
+                "aliyun.routing.port_80",
+                "a.local;a.local",
+                "duplicate route",
+            ),
+            (
+                "aliyun.routing.port_80",
+                "a.local/x;a.local/x/",
+                "duplicate route",
+            ),
             ("aliyun.routing.port_http", "web.local", "not a port"),
             ("aliyun.routing.port_0", "web.local", "not a port"),
             ("aliyun.routing.port_70000", "web.local", "not a port"),
@@ -551,15 +626,31 @@ mod tests {
             ("aliyun.routing.weight", "ten", "0 to 100"),
             ("aliyun.routing.session_sticky", "yes", "true or false"),
             ("aliyun.routing.bogus", "1", "unknown routing label"),
-            ("aliyun.probe.url", "http://localhost:80", "literal word `container`"),
+            (
+                "aliyun.probe.url",
+                "http://localhost:80",
+                "literal word `container`",
+            ),
             ("aliyun.probe.url", "container:80", "must be http"),
             ("aliyun.probe.url", "tcp://container", "need a port"),
-            ("aliyun.probe.url", "udp://container:53", "unknown probe scheme"),
+            (
+                "aliyun.probe.url",
+                "udp://container:53",
+                "unknown probe scheme",
+            ),
             ("aliyun.probe.cmd", " ", "empty command"),
             ("aliyun.probe.timeout_seconds", "0", "at least 1"),
             ("aliyun.probe.period_seconds", "1.5", "non-negative integer"),
-            ("aliyun.probe.failure_threshold", "x", "non-negative integer"),
-            ("aliyun.probe.initial_delay_seconds", "-2", "non-negative integer"),
+            (
+                "aliyun.probe.failure_threshold",
+                "x",
+                "non-negative integer",
+            ),
+            (
+                "aliyun.probe.initial_delay_seconds",
+                "-2",
+                "non-negative integer",
+            ),
             ("aliyun.probe.retries", "3", "unknown probe label"),
         ];
         for (key, value, reason) in cases {
@@ -620,15 +711,26 @@ mod tests {
         .unwrap();
         assert_eq!(
             spec.probe.unwrap().kind,
-            ProbeKind::Http { port: 8080, path: "/healthz?full=1".into() }
+            ProbeKind::Http {
+                port: 8080,
+                path: "/healthz?full=1".into()
+            }
         );
 
         let spec = parse(
-            &labels(&[("aliyun.routing.port_80", "a.local"), ("aliyun.probe.cmd", "test -f /ok")]),
+            &labels(&[
+                ("aliyun.routing.port_80", "a.local"),
+                ("aliyun.probe.cmd", "test -f /ok"),
+            ]),
             "local",
         )
         .unwrap();
-        assert_eq!(spec.probe.unwrap().kind, ProbeKind::Exec { command: "test -f /ok".into() });
+        assert_eq!(
+            spec.probe.unwrap().kind,
+            ProbeKind::Exec {
+                command: "test -f /ok".into()
+            }
+        );
     }
 
     #[test]
@@ -648,8 +750,15 @@ mod tests {
     #[test]
     fn deployment_labels_are_ignored_and_no_route_is_reported() {
         assert!(!is_router_container(&labels(&[("aliyun.scale", "2")])));
-        assert!(is_router_container(&labels(&[("aliyun.probe.url", "tcp://container:1")])));
-        let errors = parse(&labels(&[("aliyun.probe.url", "tcp://container:1")]), "local").unwrap_err();
+        assert!(is_router_container(&labels(&[(
+            "aliyun.probe.url",
+            "tcp://container:1"
+        )])));
+        let errors = parse(
+            &labels(&[("aliyun.probe.url", "tcp://container:1")]),
+            "local",
+        )
+        .unwrap_err();
         assert!(errors[0].reason.contains("no route"), "{errors:?}");
     }
 }

@@ -50,7 +50,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("router-agent: cannot start the async runtime: {e}");
@@ -69,7 +72,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -94,7 +99,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .run(registry_rx),
     );
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel();
-    tokio::spawn(discovery::run(config.docker_host.clone(), updates_tx, docker));
+    tokio::spawn(discovery::run(
+        config.docker_host.clone(),
+        updates_tx,
+        docker,
+    ));
     let to_registry = registry_tx.clone();
     tokio::spawn(async move {
         while let Some(update) = updates_rx.recv().await {
@@ -130,7 +139,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let _ = shutdown_tx.send(true);
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
-    while metrics.connections_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+    while metrics.connections_active.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = metrics.connections_active.load(Ordering::Relaxed);

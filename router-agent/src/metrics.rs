@@ -64,13 +64,21 @@ impl Metrics {
     }
 
     pub fn response(&self, status: u16) {
-        if let Some(slot) = self.responses_by_class.get(usize::from(status / 100).wrapping_sub(1)) {
+        if let Some(slot) = self
+            .responses_by_class
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
             slot.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     pub fn rejected(&self, reason: &'static str) {
-        *self.rejected.lock().expect("metrics lock").entry(reason).or_default() += 1;
+        *self
+            .rejected
+            .lock()
+            .expect("metrics lock")
+            .entry(reason)
+            .or_default() += 1;
     }
 
     pub fn backend_error(&self, kind: BackendError) {
@@ -96,29 +104,77 @@ impl Metrics {
         let mut out = String::new();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         };
-        counter("router_connections_accepted_total", "Client connections accepted.", load(&self.connections_accepted));
-        counter("router_requests_total", "Requests read from clients.", load(&self.requests));
-        counter("router_retries_total", "Requests sent to another backend after a failure.", load(&self.retries));
-        counter("router_bytes_copied_total", "Bytes moved through userspace buffers.", load(&self.bytes_copied));
-        counter("router_bytes_spliced_total", "Body bytes moved with splice(2).", load(&self.bytes_spliced));
-        counter("router_bytes_kernel_total", "Bytes redirected in the kernel between offloaded sockets.", load(&self.bytes_kernel));
-        counter("router_connections_offloaded_total", "Connections handed to the kernel sockhash.", load(&self.connections_offloaded));
+        counter(
+            "router_connections_accepted_total",
+            "Client connections accepted.",
+            load(&self.connections_accepted),
+        );
+        counter(
+            "router_requests_total",
+            "Requests read from clients.",
+            load(&self.requests),
+        );
+        counter(
+            "router_retries_total",
+            "Requests sent to another backend after a failure.",
+            load(&self.retries),
+        );
+        counter(
+            "router_bytes_copied_total",
+            "Bytes moved through userspace buffers.",
+            load(&self.bytes_copied),
+        );
+        counter(
+            "router_bytes_spliced_total",
+            "Body bytes moved with splice(2).",
+            load(&self.bytes_spliced),
+        );
+        counter(
+            "router_bytes_kernel_total",
+            "Bytes redirected in the kernel between offloaded sockets.",
+            load(&self.bytes_kernel),
+        );
+        counter(
+            "router_connections_offloaded_total",
+            "Connections handed to the kernel sockhash.",
+            load(&self.connections_offloaded),
+        );
         let _ = writeln!(
             out,
             "# HELP router_connections_active Client connections open now.\n# TYPE router_connections_active gauge\nrouter_connections_active {}",
             load(&self.connections_active)
         );
-        let _ = writeln!(out, "# HELP router_responses_total Responses sent to clients by status class.\n# TYPE router_responses_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP router_responses_total Responses sent to clients by status class.\n# TYPE router_responses_total counter"
+        );
         for (i, slot) in self.responses_by_class.iter().enumerate() {
-            let _ = writeln!(out, "router_responses_total{{class=\"{}xx\"}} {}", i + 1, load(slot));
+            let _ = writeln!(
+                out,
+                "router_responses_total{{class=\"{}xx\"}} {}",
+                i + 1,
+                load(slot)
+            );
         }
-        let _ = writeln!(out, "# HELP router_requests_rejected_total Requests refused by the router, by reason.\n# TYPE router_requests_rejected_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP router_requests_rejected_total Requests refused by the router, by reason.\n# TYPE router_requests_rejected_total counter"
+        );
         for (reason, n) in self.rejected.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "router_requests_rejected_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "router_requests_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
         }
-        let _ = writeln!(out, "# HELP router_backend_errors_total Failed backend exchanges, by kind.\n# TYPE router_backend_errors_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP router_backend_errors_total Failed backend exchanges, by kind.\n# TYPE router_backend_errors_total counter"
+        );
         for (kind, n) in self.backend_errors.lock().expect("metrics lock").iter() {
             let _ = writeln!(out, "router_backend_errors_total{{kind=\"{kind}\"}} {n}");
         }

@@ -46,7 +46,12 @@ pub fn spawn_probe(
     TaskGuard(tokio::spawn(async move {
         tokio::time::sleep(spec.initial_delay).await;
         loop {
-            let outcome = match tokio::time::timeout(spec.timeout, check(&spec.kind, &container_id, ip, &docker)).await {
+            let outcome = match tokio::time::timeout(
+                spec.timeout,
+                check(&spec.kind, &container_id, ip, &docker),
+            )
+            .await
+            {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("no answer within {}s", spec.timeout.as_secs())),
             };
@@ -76,7 +81,10 @@ pub fn spawn_recovery(
         loop {
             tokio::time::sleep(period).await;
             if let Ok(Ok(_)) = tokio::time::timeout(period, TcpStream::connect(addr)).await {
-                let _ = registry.send(Message::Recovered { id: container_id, generation });
+                let _ = registry.send(Message::Recovered {
+                    id: container_id,
+                    generation,
+                });
                 return;
             }
         }
@@ -84,7 +92,12 @@ pub fn spawn_recovery(
 }
 
 /// One check. `Ok` carries a short description of the success, `Err` of the failure.
-async fn check(kind: &ProbeKind, container_id: &str, ip: IpAddr, docker: &DockerHandle) -> Result<String, String> {
+async fn check(
+    kind: &ProbeKind,
+    container_id: &str,
+    ip: IpAddr,
+    docker: &DockerHandle,
+) -> Result<String, String> {
     match kind {
         ProbeKind::Http { port, path } => http_check(SocketAddr::new(ip, *port), path).await,
         ProbeKind::Tcp { port } => TcpStream::connect(SocketAddr::new(ip, *port))
@@ -140,7 +153,11 @@ fn status_code(line: &[u8]) -> Option<u16> {
 }
 
 /// `sh -c <command>` in the container; healthy on exit code 0.
-async fn exec_check(container_id: &str, command: &str, docker: &DockerHandle) -> Result<String, String> {
+async fn exec_check(
+    container_id: &str,
+    command: &str,
+    docker: &DockerHandle,
+) -> Result<String, String> {
     let docker = docker
         .load_full()
         .ok_or("the Docker engine is not connected")?;
@@ -156,10 +173,11 @@ async fn exec_check(container_id: &str, command: &str, docker: &DockerHandle) ->
         )
         .await
         .map_err(|e| format!("exec create: {e}"))?;
-    if let StartExecResults::Attached { mut output, .. } = docker
-        .start_exec(&exec.id, None)
-        .await
-        .map_err(|e| format!("exec start: {e}"))?
+    if let StartExecResults::Attached { mut output, .. } =
+        docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| format!("exec start: {e}"))?
     {
         // Drain the output so the command runs to completion.
         while output.next().await.is_some() {}

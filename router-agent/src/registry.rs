@@ -37,9 +37,16 @@ pub enum Message {
         outcome: Result<String, String>,
     },
     /// The proxy could not connect to (or lost) this backend.
-    PassiveFailure { id: Arc<str>, addr: SocketAddr, error: String },
+    PassiveFailure {
+        id: Arc<str>,
+        addr: SocketAddr,
+        error: String,
+    },
     /// A backend without a probe accepts connections again.
-    Recovered { id: String, generation: u64 },
+    Recovered {
+        id: String,
+        generation: u64,
+    },
 }
 
 /// What the registry publishes for readers (proxy, admin API).
@@ -176,16 +183,20 @@ impl Registry {
     fn apply(&mut self, message: Message) -> bool {
         match message {
             Message::Discovery(update) => self.apply_update(update),
-            Message::ProbeResult { id, generation, outcome } => {
-                self.with_current(&id, generation, |entry| {
-                    let Some(tracker) = entry.health.probe.as_mut() else { return };
-                    tracker.record(outcome.is_ok());
-                    let _ = &outcome;
-                    if let Err(reason) = &outcome {
-                        entry.remember(format!("probe failed: {reason}"));
-                    }
-                })
-            }
+            Message::ProbeResult {
+                id,
+                generation,
+                outcome,
+            } => self.with_current(&id, generation, |entry| {
+                let Some(tracker) = entry.health.probe.as_mut() else {
+                    return;
+                };
+                tracker.record(outcome.is_ok());
+                let _ = &outcome;
+                if let Err(reason) = &outcome {
+                    entry.remember(format!("probe failed: {reason}"));
+                }
+            }),
             Message::PassiveFailure { id, addr, error } => self.passive_failure(&id, addr, &error),
             Message::Recovered { id, generation } => self.with_current(&id, generation, |entry| {
                 entry.health.passive_down = false;
@@ -197,7 +208,9 @@ impl Registry {
 
     /// Runs `f` on the entry if `generation` is its current checker's; reports a state change.
     fn with_current(&mut self, id: &str, generation: u64, f: impl FnOnce(&mut Entry)) -> bool {
-        let Some(entry) = self.containers.get_mut(id) else { return false };
+        let Some(entry) = self.containers.get_mut(id) else {
+            return false;
+        };
         if entry.generation != generation {
             return false;
         }
@@ -220,7 +233,9 @@ impl Registry {
         match update {
             Update::Container(info) => self.upsert(info),
             Update::Stopping { id } => {
-                let Some(entry) = self.containers.get_mut(&id) else { return false };
+                let Some(entry) = self.containers.get_mut(&id) else {
+                    return false;
+                };
                 let before = entry.health.state();
                 entry.health.draining = true;
                 entry.remember("docker is stopping it: draining".into());
@@ -228,7 +243,9 @@ impl Registry {
             }
             Update::Gone { id } => self.remove(&id, "stopped"),
             Update::DockerHealth { id, health } => {
-                let Some(entry) = self.containers.get_mut(&id) else { return false };
+                let Some(entry) = self.containers.get_mut(&id) else {
+                    return false;
+                };
                 let before = entry.health.state();
                 entry.health.docker = Some(health);
                 entry.remember(format!("docker health: {health:?}").to_lowercase());
@@ -256,7 +273,9 @@ impl Registry {
                 false
             }
             Update::EngineConnected(connected) => {
-                self.published.engine_connected.store(connected, Ordering::Relaxed);
+                self.published
+                    .engine_connected
+                    .store(connected, Ordering::Relaxed);
                 false
             }
         }
@@ -326,7 +345,9 @@ impl Registry {
     fn restart_checker(&mut self, id: &str) {
         self.next_generation += 1;
         let generation = self.next_generation;
-        let Some(entry) = self.containers.get_mut(id) else { return };
+        let Some(entry) = self.containers.get_mut(id) else {
+            return;
+        };
         entry.generation = generation;
         entry.checker = None;
         let (Some(spec), Some(ip)) = (entry.probe_spec().cloned(), entry.info.address) else {
@@ -343,7 +364,9 @@ impl Registry {
     }
 
     fn remove(&mut self, id: &str, why: &str) -> bool {
-        let Some(entry) = self.containers.remove(id) else { return false };
+        let Some(entry) = self.containers.remove(id) else {
+            return false;
+        };
         info!(container = %entry.info.name, id = %short(id), "container removed: {why}");
         true
     }
@@ -351,7 +374,9 @@ impl Registry {
     fn passive_failure(&mut self, id: &str, addr: SocketAddr, error: &str) -> bool {
         self.next_generation += 1;
         let generation = self.next_generation;
-        let Some(entry) = self.containers.get_mut(id) else { return false };
+        let Some(entry) = self.containers.get_mut(id) else {
+            return false;
+        };
         let before = entry.health.state();
         if before != BackendState::Up {
             return false;
@@ -378,7 +403,9 @@ impl Registry {
         let mut sorted: Vec<&Entry> = self.containers.values().collect();
         sorted.sort_by(|a, b| (&a.info.name, &a.info.id).cmp(&(&b.info.name, &b.info.id)));
         for entry in &sorted {
-            let (Ok(spec), Some(ip)) = (&entry.spec, entry.info.address) else { continue };
+            let (Ok(spec), Some(ip)) = (&entry.spec, entry.info.address) else {
+                continue;
+            };
             let state = entry.health.state();
             for route in &spec.routes {
                 let key = match route.listen_port {
@@ -416,9 +443,9 @@ impl Registry {
         let live: HashSet<&RouteKey> = routes.keys().collect();
         self.cursors.retain(|k, _| live.contains(k));
         let views = sorted.iter().map(|e| view(e)).collect();
-        self.published
-            .table
-            .store(Arc::new(RoutingTable::build(routes.into_values().collect())));
+        self.published.table.store(Arc::new(RoutingTable::build(
+            routes.into_values().collect(),
+        )));
         self.published.containers.store(Arc::new(views));
     }
 }
@@ -429,10 +456,14 @@ fn view(entry: &Entry) -> ContainerView {
     let not_routed_because = match (&entry.spec, entry.info.address, state) {
         (Err(_), _, _) => Some("label errors (see errors)".to_owned()),
         (_, None, _) => Some("no IPv4 address on any network".to_owned()),
-        (_, _, BackendState::Starting) => Some("starting: the health check has not passed yet".to_owned()),
+        (_, _, BackendState::Starting) => {
+            Some("starting: the health check has not passed yet".to_owned())
+        }
         (_, _, BackendState::Down) => Some("down: failing its health check".to_owned()),
         (_, _, BackendState::Draining) => Some("draining: Docker is stopping it".to_owned()),
-        (Ok(spec), _, BackendState::Up) if spec.weight == 0 => Some("weight 0: no new sessions".to_owned()),
+        (Ok(spec), _, BackendState::Up) if spec.weight == 0 => {
+            Some("weight 0: no new sessions".to_owned())
+        }
         _ => None,
     };
     ContainerView {

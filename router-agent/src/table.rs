@@ -63,16 +63,21 @@ impl Route {
     pub fn select(&self, sticky_id: Option<&[u8]>, tried: &[usize]) -> Option<Selection> {
         if self.sticky
             && let Some(id) = sticky_id
-            && let Some(index) = self.backends.iter().position(|b| {
-                b.container_id.as_bytes() == id && sticky_target_allowed(b.state)
-            })
+            && let Some(index) = self
+                .backends
+                .iter()
+                .position(|b| b.container_id.as_bytes() == id && sticky_target_allowed(b.state))
             && !tried.contains(&index)
         {
-            return Some(Selection { index, by_cookie: true });
+            return Some(Selection {
+                index,
+                by_cookie: true,
+            });
         }
-        self.schedule
-            .next(tried)
-            .map(|index| Selection { index, by_cookie: false })
+        self.schedule.next(tried).map(|index| Selection {
+            index,
+            by_cookie: false,
+        })
     }
 
     pub fn has_ready_backend(&self) -> bool {
@@ -139,7 +144,11 @@ impl RoutingTable {
                 Some(port) => {
                     table.tcp.insert(port, route);
                 }
-                None => table.http.entry(route.domain.clone()).or_default().push(route),
+                None => table
+                    .http
+                    .entry(route.domain.clone())
+                    .or_default()
+                    .push(route),
             }
         }
         for routes in table.http.values_mut() {
@@ -165,8 +174,15 @@ impl RoutingTable {
 
     /// Every route, sorted by domain then path, for the admin API.
     pub fn routes(&self) -> Vec<&Arc<Route>> {
-        let mut all: Vec<&Arc<Route>> = self.http.values().flatten().chain(self.tcp.values()).collect();
-        all.sort_by(|a, b| (&a.domain, &a.path, a.listen_port).cmp(&(&b.domain, &b.path, b.listen_port)));
+        let mut all: Vec<&Arc<Route>> = self
+            .http
+            .values()
+            .flatten()
+            .chain(self.tcp.values())
+            .collect();
+        all.sort_by(|a, b| {
+            (&a.domain, &a.path, a.listen_port).cmp(&(&b.domain, &b.path, b.listen_port))
+        });
         all
     }
 }
@@ -221,7 +237,10 @@ mod tests {
 
     fn http(domain: &str, path: &str, backends: Vec<Backend>) -> RouteInput {
         RouteInput {
-            key: RouteKey::Http { domain: domain.into(), path: path.into() },
+            key: RouteKey::Http {
+                domain: domain.into(),
+                path: path.into(),
+            },
             domain: domain.into(),
             scheme: Scheme::Http,
             sticky: true,
@@ -232,10 +251,26 @@ mod tests {
 
     fn table() -> RoutingTable {
         RoutingTable::build(vec![
-            http("web.local", "/", vec![backend("root", BackendState::Up, 100)]),
-            http("web.local", "/api", vec![backend("api", BackendState::Up, 100)]),
-            http("web.local", "/api/v2", vec![backend("v2", BackendState::Up, 100)]),
-            http("example.com", "/", vec![backend("pub", BackendState::Up, 100)]),
+            http(
+                "web.local",
+                "/",
+                vec![backend("root", BackendState::Up, 100)],
+            ),
+            http(
+                "web.local",
+                "/api",
+                vec![backend("api", BackendState::Up, 100)],
+            ),
+            http(
+                "web.local",
+                "/api/v2",
+                vec![backend("v2", BackendState::Up, 100)],
+            ),
+            http(
+                "example.com",
+                "/",
+                vec![backend("pub", BackendState::Up, 100)],
+            ),
         ])
     }
 
@@ -288,8 +323,14 @@ mod tests {
             ],
         )]);
         let route = t.lookup(b"s.local", b"/").unwrap();
-        let picks: Vec<usize> = (0..4).map(|_| route.select(None, &[]).unwrap().index).collect();
-        assert_eq!(picks, [0, 1, 0, 1], "only up backends with weight take new traffic");
+        let picks: Vec<usize> = (0..4)
+            .map(|_| route.select(None, &[]).unwrap().index)
+            .collect();
+        assert_eq!(
+            picks,
+            [0, 1, 0, 1],
+            "only up backends with weight take new traffic"
+        );
         let cases: &[(&[u8], Option<usize>)] = &[
             (b"b", Some(1)),
             (b"c", Some(2)),  // draining keeps its sessions
@@ -301,7 +342,13 @@ mod tests {
         for (cookie, expected) in cases {
             let selection = route.select(Some(cookie), &[]).unwrap();
             match expected {
-                Some(index) => assert_eq!(selection, Selection { index: *index, by_cookie: true }),
+                Some(index) => assert_eq!(
+                    selection,
+                    Selection {
+                        index: *index,
+                        by_cookie: true
+                    }
+                ),
                 None => assert!(!selection.by_cookie && selection.index < 2),
             }
         }
@@ -315,7 +362,10 @@ mod tests {
         let t = RoutingTable::build(vec![http(
             "s.local",
             "/",
-            vec![backend("a", BackendState::Starting, 100), backend("b", BackendState::Down, 100)],
+            vec![
+                backend("a", BackendState::Starting, 100),
+                backend("b", BackendState::Down, 100),
+            ],
         )]);
         let route = t.lookup(b"s.local", b"/").unwrap();
         assert!(!route.has_ready_backend());

@@ -25,8 +25,10 @@ fn workspace_root() -> PathBuf {
 }
 
 fn agent_binary() -> PathBuf {
-    std::env::var_os("ROUTER_AGENT_BIN")
-        .map_or_else(|| workspace_root().join("target/release/router-agent"), PathBuf::from)
+    std::env::var_os("ROUTER_AGENT_BIN").map_or_else(
+        || workspace_root().join("target/release/router-agent"),
+        PathBuf::from,
+    )
 }
 
 pub fn free_port() -> u16 {
@@ -40,6 +42,11 @@ impl Agent {
     /// Starts the agent on a free HTTP port and a free admin port, with extra flags, and waits
     /// until it has synced with the Docker engine.
     pub fn start(extra_args: &[&str]) -> Self {
+        Self::start_with_prefix(&[], extra_args)
+    }
+
+    /// Like [`Agent::start`], run through a wrapper command (e.g. `setpriv ... --`).
+    pub fn start_with_prefix(wrapper: &[&str], extra_args: &[&str]) -> Self {
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let log_dir = workspace_root().join("target/test-logs");
@@ -47,18 +54,47 @@ impl Agent {
         let log_path = log_dir.join(format!("{}.log", unique("agent")));
         let log = File::create(&log_path).expect("log file");
         let binary = agent_binary();
-        let child = Command::new(&binary)
-            .args(["--listen", &format!("0.0.0.0:{port}"), "--admin", &admin.to_string()])
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
+        let child = command
+            .args([
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--admin",
+                &admin.to_string(),
+            ])
             .args(extra_args)
             .env("RUST_LOG", "info,router_agent=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {} failed: {e} (run `cargo xtask test`)", binary.display()));
-        let agent = Self { child, port, admin, log_path };
-        wait_for("the agent to connect to the Docker engine", Duration::from_secs(20), || {
-            agent.try_json("/healthz").is_some_and(|h| h["engine_connected"] == true)
-        });
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting {} failed: {e} (run `cargo xtask test`)",
+                    binary.display()
+                )
+            });
+        let agent = Self {
+            child,
+            port,
+            admin,
+            log_path,
+        };
+        wait_for(
+            "the agent to connect to the Docker engine",
+            Duration::from_secs(20),
+            || {
+                agent
+                    .try_json("/healthz")
+                    .is_some_and(|h| h["engine_connected"] == true)
+            },
+        );
         agent
     }
 
@@ -153,7 +189,11 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- router-agent log ({}) ----\n{}", self.log_path.display(), self.log());
+            eprintln!(
+                "---- router-agent log ({}) ----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
         }
     }
 }

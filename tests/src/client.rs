@@ -37,7 +37,12 @@ impl Response {
 }
 
 /// GET `path` from `addr` with this Host, plus extra header lines.
-pub fn get(addr: SocketAddr, host: &str, path: &str, extra_headers: &[(&str, &str)]) -> io::Result<Response> {
+pub fn get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> io::Result<Response> {
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (name, value) in extra_headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -57,7 +62,15 @@ pub fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
 }
 
 fn parse(raw: &[u8]) -> io::Result<Response> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(200)])));
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{what}: {:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(200)])
+            ),
+        )
+    };
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(raw) {
@@ -69,7 +82,12 @@ fn parse(raw: &[u8]) -> io::Result<Response> {
         headers: response
             .headers
             .iter()
-            .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.name.to_owned(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
             .collect(),
         body: raw[head_len..].to_vec(),
     })

@@ -8,7 +8,11 @@ pub const CURL_IMAGE: &str = "router-local/curl";
 
 /// The docker client that matches the engine `cargo xtask setup` installs.
 fn docker_bin() -> &'static str {
-    if std::path::Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" }
+    if std::path::Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    }
 }
 
 /// Runs `docker args..` and returns stdout; panics with stderr on failure.
@@ -46,7 +50,10 @@ impl Container {
         let mut all = vec!["run", "-d", "--name", name, "--label", "router-test=1"];
         all.extend_from_slice(args);
         let id = docker(&all);
-        Self { id, name: name.to_owned() }
+        Self {
+            id,
+            name: name.to_owned(),
+        }
     }
 
     /// A `router-local/backend` container with these labels (`key=value`).
@@ -60,13 +67,20 @@ impl Container {
 
     /// Its IPv4 address on the default bridge.
     pub fn ip(&self) -> String {
-        docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &self.id])
+        docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &self.id,
+        ])
     }
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = Command::new(docker_bin()).args(["rm", "-f", &self.id]).output();
+        let _ = Command::new(docker_bin())
+            .args(["rm", "-f", &self.id])
+            .output();
     }
 }
 

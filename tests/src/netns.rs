@@ -12,8 +12,16 @@ pub struct OutsideHost {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2) runs");
-    assert!(out.status.success(), "ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl OutsideHost {
@@ -26,22 +34,53 @@ impl OutsideHost {
         let host_ip = format!("198.19.{subnet_octet}.1");
         let ns_ip = format!("198.19.{subnet_octet}.2");
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let _ = Command::new("ip").args(["link", "del", &host_veth]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_veth])
+            .output();
         ip(&["netns", "add", &name]);
-        ip(&["link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth]);
+        ip(&[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth,
+        ]);
         ip(&["link", "set", &ns_veth, "netns", &name]);
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_veth]);
         ip(&["link", "set", &host_veth, "up"]);
-        ip(&["netns", "exec", &name, "ip", "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_veth]);
+        ip(&[
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{ns_ip}/30"),
+            "dev",
+            &ns_veth,
+        ]);
         ip(&["netns", "exec", &name, "ip", "link", "set", &ns_veth, "up"]);
         ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
-        Self { name, host_veth, host_ip }
+        Self {
+            name,
+            host_veth,
+            host_ip,
+        }
     }
 
     /// Runs curl inside the namespace; returns the HTTP status it printed.
     pub fn curl_status(&self, url: &str, host_header: &str) -> String {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "curl", "-s", "-o", "/dev/null", "-m", "5", "-w", "%{http_code}", "-H"])
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-m",
+                "5",
+                "-w",
+                "%{http_code}",
+                "-H",
+            ])
             .arg(format!("Host: {host_header}"))
             .arg(url)
             .output()
@@ -52,7 +91,11 @@ impl OutsideHost {
 
 impl Drop for OutsideHost {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_veth]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }

@@ -19,7 +19,9 @@ struct Seen {
 
 /// Runs `curl -D -` in a client container `times` times and parses the dumped heads.
 fn client_requests(domain: &str, port: u16, times: usize, cookie: Option<&str>) -> Vec<Seen> {
-    let cookie_arg = cookie.map(|c| format!("-b CONTAINERID={c}")).unwrap_or_default();
+    let cookie_arg = cookie
+        .map(|c| format!("-b CONTAINERID={c}"))
+        .unwrap_or_default();
     let script = format!(
         "for i in $(seq {times}); do curl -s -o /dev/null -D - {cookie_arg} http://{domain}:{port}/; done"
     );
@@ -78,14 +80,27 @@ fn two_replicas_alternate_and_cookies_name_the_answering_container() {
     assert_eq!(seen.len(), 6, "{seen:?}");
     for response in &seen {
         assert!(response.status.starts_with("200"), "{seen:?}");
-        let cookie = response.cookie.as_deref().expect("every response sets CONTAINERID");
+        let cookie = response
+            .cookie
+            .as_deref()
+            .expect("every response sets CONTAINERID");
         assert_eq!(cookie.len(), 64, "a full container id: {cookie}");
-        assert!(cookie == first.id || cookie == second.id, "{cookie} is not a replica");
+        assert!(
+            cookie == first.id || cookie == second.id,
+            "{cookie} is not a replica"
+        );
         // The replica that answered (nginx's $hostname is the short id) is the one named.
-        assert_eq!(response.hostname.as_deref(), Some(&cookie[..12]), "{seen:?}");
+        assert_eq!(
+            response.hostname.as_deref(),
+            Some(&cookie[..12]),
+            "{seen:?}"
+        );
     }
     for pair in seen.windows(2) {
-        assert_ne!(pair[0].cookie, pair[1].cookie, "requests alternate between replicas: {seen:?}");
+        assert_ne!(
+            pair[0].cookie, pair[1].cookie,
+            "requests alternate between replicas: {seen:?}"
+        );
     }
 
     // The cookie pins the session: every request goes to that replica, and no new cookie is set.
@@ -93,7 +108,11 @@ fn two_replicas_alternate_and_cookies_name_the_answering_container() {
     assert_eq!(pinned.len(), 4, "{pinned:?}");
     for response in &pinned {
         assert!(response.status.starts_with("200"), "{pinned:?}");
-        assert_eq!(response.hostname.as_deref(), Some(second.short_id()), "{pinned:?}");
+        assert_eq!(
+            response.hostname.as_deref(),
+            Some(second.short_id()),
+            "{pinned:?}"
+        );
         assert_eq!(response.cookie, None, "{pinned:?}");
     }
 }

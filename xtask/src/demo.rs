@@ -35,7 +35,15 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(seconds));
         let logs = cmd::output(
             "docker-compose",
-            &["-f", &compose_file, "-p", PROJECT, "logs", "--no-color", "restclient"],
+            &[
+                "-f",
+                &compose_file,
+                "-p",
+                PROJECT,
+                "logs",
+                "--no-color",
+                "restclient",
+            ],
         )?;
         println!("{logs}");
         summarize(&logs)

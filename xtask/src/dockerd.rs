@@ -97,7 +97,16 @@ fn check_bridge_range() -> anyhow::Result<()> {
 /// Containers may talk to each other and to this host, never beyond: drop what leaves the range,
 /// and make the uncovered rest of the range unreachable instead of routed to a default gateway.
 fn install_guards() -> anyhow::Result<()> {
-    let rule = ["DOCKER-USER", "-s", "198.18.0.0/15", "!", "-d", "198.18.0.0/15", "-j", "DROP"];
+    let rule = [
+        "DOCKER-USER",
+        "-s",
+        "198.18.0.0/15",
+        "!",
+        "-d",
+        "198.18.0.0/15",
+        "-j",
+        "DROP",
+    ];
     let check: Vec<&str> = ["-C"].iter().chain(rule.iter()).copied().collect();
     if !cmd::succeeds("iptables", &check) {
         let insert: Vec<&str> = ["-I"].iter().chain(rule.iter()).copied().collect();

@@ -6,9 +6,9 @@
 //! of its contents as a label and is rebuilt only when the contents change.
 use std::{
     collections::hash_map::DefaultHasher,
+    fmt::Write as _,
     fs,
     hash::{Hash as _, Hasher as _},
-    fmt::Write as _,
     os::unix::fs::{PermissionsExt as _, symlink},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -53,7 +53,13 @@ fn build_nginx() -> anyhow::Result<()> {
     fs.import(
         NGINX,
         &["/usr/bin/tini-static", "--"],
-        &["/usr/sbin/nginx", "-e", "stderr", "-c", "/etc/nginx/nginx.conf"],
+        &[
+            "/usr/sbin/nginx",
+            "-e",
+            "stderr",
+            "-c",
+            "/etc/nginx/nginx.conf",
+        ],
     )
 }
 
@@ -86,7 +92,11 @@ fn build_curl() -> anyhow::Result<()> {
     fs.add_host_file(Path::new("/usr/lib/x86_64-linux-gnu/libnss_files.so.2"))?;
     fs.add_file("etc/nsswitch.conf", "hosts: files dns\n")?;
     fs.add_users()?;
-    fs.import(CURL, &["/usr/bin/tini-static", "--"], &["curl", "--version"])
+    fs.import(
+        CURL,
+        &["/usr/bin/tini-static", "--"],
+        &["curl", "--version"],
+    )
 }
 
 fn build_backend(binary: &Path) -> anyhow::Result<()> {
@@ -166,7 +176,10 @@ impl Rootfs {
     }
 
     fn add_users(&mut self) -> anyhow::Result<()> {
-        self.add_file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")?;
+        self.add_file(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )?;
         self.add_file("etc/group", "root:x:0:\nnogroup:x:65534:\n")
     }
 
@@ -206,7 +219,12 @@ impl Rootfs {
         }
         println!("setup: building image {name}");
         let tar = Command::new("tar")
-            .args(["-C", self.dir.to_str().context("non-UTF-8 path")?, "-c", "."])
+            .args([
+                "-C",
+                self.dir.to_str().context("non-UTF-8 path")?,
+                "-c",
+                ".",
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .context("could not start tar")?;

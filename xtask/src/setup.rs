@@ -50,7 +50,8 @@ fn install_packages() -> anyhow::Result<()> {
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let created_policy = !policy.exists();
     if created_policy {
-        std::fs::write(policy, "#!/bin/sh\nexit 101\n").context("writing policy-rc.d; are you root?")?;
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")
+            .context("writing policy-rc.d; are you root?")?;
         cmd::run("chmod", &["+x", "/usr/sbin/policy-rc.d"])?;
     }
     let result = apt_install(&missing);

@@ -21,13 +21,24 @@ impl fmt::Display for ChunkError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
-    Size { digits: u32, value: u64 },
+    Size {
+        digits: u32,
+        value: u64,
+    },
     /// Whitespace after the size (BWS), before `;` or CR.
-    SizeSpace { value: u64 },
+    SizeSpace {
+        value: u64,
+    },
     /// A chunk extension, up to CR.
-    Extension { value: u64 },
-    SizeLf { value: u64 },
-    Data { remaining: u64 },
+    Extension {
+        value: u64,
+    },
+    SizeLf {
+        value: u64,
+    },
+    Data {
+        remaining: u64,
+    },
     DataCr,
     DataLf,
     /// At the start of a trailer line, or of the final empty line.
@@ -47,7 +58,10 @@ pub struct ChunkedScanner {
 impl Default for ChunkedScanner {
     fn default() -> Self {
         Self {
-            state: State::Size { digits: 0, value: 0 },
+            state: State::Size {
+                digits: 0,
+                value: 0,
+            },
             trailer_bytes: 0,
         }
     }
@@ -98,8 +112,13 @@ impl ChunkedScanner {
     fn step(&mut self, b: u8) -> Result<State, ChunkError> {
         Ok(match self.state {
             State::Size { digits, value } => match hex_value(b) {
-                Some(_) if digits == MAX_SIZE_DIGITS => return Err(ChunkError("chunk size too large")),
-                Some(v) => State::Size { digits: digits + 1, value: (value << 4) | u64::from(v) },
+                Some(_) if digits == MAX_SIZE_DIGITS => {
+                    return Err(ChunkError("chunk size too large"));
+                }
+                Some(v) => State::Size {
+                    digits: digits + 1,
+                    value: (value << 4) | u64::from(v),
+                },
                 None if digits == 0 => return Err(ChunkError("chunk size is not hex")),
                 None => self.after_size(b, value)?,
             },
@@ -115,7 +134,10 @@ impl ChunkedScanner {
                 _ => return Err(ChunkError("chunk data longer than its size")),
             },
             State::DataLf => match b {
-                b'\n' => State::Size { digits: 0, value: 0 },
+                b'\n' => State::Size {
+                    digits: 0,
+                    value: 0,
+                },
                 _ => return Err(ChunkError("CR without LF after chunk data")),
             },
             State::TrailerStart => match b {
@@ -206,15 +228,30 @@ mod tests {
             let mut with_next = body.to_vec();
             with_next.extend_from_slice(b"GET /next HTTP/1.1\r\n");
             for step in [1, 2, 3, 7, 1000] {
-                assert_eq!(scan(&with_next, step), Ok(Some(body.len())), "{:?} step {step}", String::from_utf8_lossy(body));
+                assert_eq!(
+                    scan(&with_next, step),
+                    Ok(Some(body.len())),
+                    "{:?} step {step}",
+                    String::from_utf8_lossy(body)
+                );
             }
         }
     }
 
     #[test]
     fn incomplete_bodies_wait() {
-        for body in [&b"5\r\nhel"[..], b"5\r\nhello\r\n", b"0\r\n", b"0\r\nX: y\r\n"] {
-            assert_eq!(scan(body, 1), Ok(None), "{:?}", String::from_utf8_lossy(body));
+        for body in [
+            &b"5\r\nhel"[..],
+            b"5\r\nhello\r\n",
+            b"0\r\n",
+            b"0\r\nX: y\r\n",
+        ] {
+            assert_eq!(
+                scan(body, 1),
+                Ok(None),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -236,8 +273,16 @@ mod tests {
             b"5 x\r\nhello\r\n",
         ];
         for body in cases {
-            assert!(scan(body, 1).is_err(), "{:?} accepted", String::from_utf8_lossy(body));
-            assert!(scan(body, 1000).is_err(), "{:?} accepted", String::from_utf8_lossy(body));
+            assert!(
+                scan(body, 1).is_err(),
+                "{:?} accepted",
+                String::from_utf8_lossy(body)
+            );
+            assert!(
+                scan(body, 1000).is_err(),
+                "{:?} accepted",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 

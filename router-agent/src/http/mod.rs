@@ -128,15 +128,28 @@ fn lists_token(value: &[u8], token: &str) -> bool {
 /// Transfer-Encoding is hop-by-hop too, but the router relays chunked bodies unchanged, so the
 /// header travels with them.
 fn is_hop_by_hop(name: &str) -> bool {
-    ["connection", "keep-alive", "proxy-connection", "te", "upgrade"]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// Transfer codings: returns whether the message is chunked, or why it is refused.
 /// `chunked` must be the final coding and appear once; codings we do not know get 501.
 fn check_transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<bool, Reject> {
-    const KNOWN: &[&str] = &["chunked", "gzip", "x-gzip", "deflate", "compress", "x-compress"];
+    const KNOWN: &[&str] = &[
+        "chunked",
+        "gzip",
+        "x-gzip",
+        "deflate",
+        "compress",
+        "x-compress",
+    ];
     let mut chunked_seen = false;
     let mut last_is_chunked = false;
     let mut any = false;
@@ -145,7 +158,10 @@ fn check_transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<
             any = true;
             // Transfer-coding parameters (`;q=`) are not allowed on chunked and rare elsewhere.
             let name = token;
-            if !KNOWN.iter().any(|k| name.eq_ignore_ascii_case(k.as_bytes())) {
+            if !KNOWN
+                .iter()
+                .any(|k| name.eq_ignore_ascii_case(k.as_bytes()))
+            {
                 return Err(Reject::UnknownTransferCoding);
             }
             let is_chunked = name.eq_ignore_ascii_case(b"chunked");
@@ -160,7 +176,9 @@ fn check_transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<
         return Err(Reject::BadRequest("empty Transfer-Encoding"));
     }
     if chunked_seen && !last_is_chunked {
-        return Err(Reject::BadRequest("chunked is not the final transfer coding"));
+        return Err(Reject::BadRequest(
+            "chunked is not the final transfer coding",
+        ));
     }
     Ok(last_is_chunked)
 }
@@ -216,7 +234,12 @@ mod tests {
             (b"1e3", None),
         ];
         for (value, expected) in cases {
-            assert_eq!(parse_content_length(value), *expected, "{:?}", String::from_utf8_lossy(value));
+            assert_eq!(
+                parse_content_length(value),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
         }
     }
 
@@ -228,16 +251,31 @@ mod tests {
             (&[b"gzip, chunked"], Ok(true)),
             (&[b"gzip", b"chunked"], Ok(true)),
             (&[b"gzip"], Ok(false)),
-            (&[b"chunked, gzip"], Err(Reject::BadRequest("chunked is not the final transfer coding"))),
-            (&[b"chunked, chunked"], Err(Reject::BadRequest("chunked applied twice"))),
-            (&[b"chunked", b"chunked"], Err(Reject::BadRequest("chunked applied twice"))),
+            (
+                &[b"chunked, gzip"],
+                Err(Reject::BadRequest(
+                    "chunked is not the final transfer coding",
+                )),
+            ),
+            (
+                &[b"chunked, chunked"],
+                Err(Reject::BadRequest("chunked applied twice")),
+            ),
+            (
+                &[b"chunked", b"chunked"],
+                Err(Reject::BadRequest("chunked applied twice")),
+            ),
             (&[b"identity"], Err(Reject::UnknownTransferCoding)),
             (&[b"foo, chunked"], Err(Reject::UnknownTransferCoding)),
             (&[b"chunked;q=1"], Err(Reject::UnknownTransferCoding)),
             (&[b""], Err(Reject::BadRequest("empty Transfer-Encoding"))),
         ];
         for (values, expected) in cases {
-            assert_eq!(check_transfer_codings(values.iter().copied()), *expected, "{values:?}");
+            assert_eq!(
+                check_transfer_codings(values.iter().copied()),
+                *expected,
+                "{values:?}"
+            );
         }
     }
 

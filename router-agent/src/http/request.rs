@@ -114,11 +114,16 @@ pub fn parse(
     let http10 = req.version == Some(0);
     let method = Method::from_token(method_token);
     if method_token == "CONNECT" {
-        return Err(Reject::BadRequest("CONNECT is not served by a reverse proxy"));
+        return Err(Reject::BadRequest(
+            "CONNECT is not served by a reverse proxy",
+        ));
     }
 
     let facts = HeaderFacts::collect(buf, req.headers)?;
-    let host_value = facts.host.clone().ok_or(Reject::BadRequest("missing Host"))?;
+    let host_value = facts
+        .host
+        .clone()
+        .ok_or(Reject::BadRequest("missing Host"))?;
     let host = &buf[host_value.clone()];
     if !is_valid_host(host) {
         return Err(Reject::BadRequest("invalid Host"));
@@ -128,10 +133,14 @@ pub fn parse(
 
     let body = match (facts.transfer_encoding, facts.content_length) {
         (Some(_), Some(_)) => {
-            return Err(Reject::BadRequest("both Content-Length and Transfer-Encoding"));
+            return Err(Reject::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
         }
         (Some(_), None) if http10 => {
-            return Err(Reject::BadRequest("Transfer-Encoding in an HTTP/1.0 request"));
+            return Err(Reject::BadRequest(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
         }
         (Some(_), None) => {
             let chunked = check_transfer_codings(
@@ -276,14 +285,17 @@ fn routing_path<'a>(target: &'a [u8], host: &[u8]) -> Result<&'a [u8], Reject> {
     if target.first() == Some(&b'/') || target == b"*" {
         return Ok(target);
     }
-    let rest = strip_prefix_ignore_case(target, b"http://")
-        .ok_or(Reject::BadRequest("request target is neither origin- nor absolute-form"))?;
+    let rest = strip_prefix_ignore_case(target, b"http://").ok_or(Reject::BadRequest(
+        "request target is neither origin- nor absolute-form",
+    ))?;
     let authority_end = rest
         .iter()
         .position(|&b| b == b'/' || b == b'?')
         .unwrap_or(rest.len());
     if !rest[..authority_end].eq_ignore_ascii_case(host) {
-        return Err(Reject::BadRequest("absolute-form authority differs from Host"));
+        return Err(Reject::BadRequest(
+            "absolute-form authority differs from Host",
+        ));
     }
     // May be empty (`http://host`): routing and forwarding read that as `/`.
     Ok(&rest[authority_end..])
@@ -311,7 +323,11 @@ fn write_forwarded_head(
         out.push(b'/');
     }
     out.extend_from_slice(path);
-    out.extend_from_slice(if head.http10 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    out.extend_from_slice(if head.http10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     let mut forwarded_for: Option<&[u8]> = None;
     for header in req.headers.iter() {
         let name = header.name;
@@ -359,7 +375,11 @@ fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// The router's cookie is the router's: the backend gets the other cookies only.
 fn write_cookie_without_sticky(value: &[u8], out: &mut Vec<u8>) {
     let mut first = true;
-    for pair in value.split(|&b| b == b';').map(trim_ows).filter(|p| !p.is_empty()) {
+    for pair in value
+        .split(|&b| b == b';')
+        .map(trim_ows)
+        .filter(|p| !p.is_empty())
+    {
         if split_pair(pair).is_some_and(|(name, _)| name == STICKY_COOKIE.as_bytes()) {
             continue;
         }
@@ -427,7 +447,11 @@ mod tests {
 
     #[test]
     fn incomplete_heads_ask_for_more() {
-        for raw in [&b"GET / HT"[..], b"GET / HTTP/1.1\r\nHost: a", b"GET / HTTP/1.1\r\nHost: a\r\n\r"] {
+        for raw in [
+            &b"GET / HT"[..],
+            b"GET / HTTP/1.1\r\nHost: a",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r",
+        ] {
             assert_eq!(parse_all(raw).0, Ok(None), "{raw:?}");
         }
     }
@@ -435,16 +459,45 @@ mod tests {
     #[test]
     fn framing_and_connection() {
         let cases: &[(&[u8], BodyFraming, bool)] = &[
-            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n", BodyFraming::Length(5), true),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", BodyFraming::None, true),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", BodyFraming::Chunked, true),
-            (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", BodyFraming::None, false),
-            (b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", BodyFraming::None, false),
-            (b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", BodyFraming::None, true),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                BodyFraming::Length(5),
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                BodyFraming::None,
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                BodyFraming::Chunked,
+                true,
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                BodyFraming::None,
+                false,
+            ),
+            (
+                b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+                BodyFraming::None,
+                false,
+            ),
+            (
+                b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+                BodyFraming::None,
+                true,
+            ),
         ];
         for (raw, body, keep_alive) in cases {
             let (head, _) = ok(raw);
-            assert_eq!((head.body, head.keep_alive), (*body, *keep_alive), "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                (head.body, head.keep_alive),
+                (*body, *keep_alive),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 
@@ -467,19 +520,33 @@ mod tests {
                     Keep-Alive: 5\r\nX-Secret: 1\r\nTE: trailers\r\nProxy-Connection: x\r\n\
                     X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nX-Other: y\r\n\r\n";
         let (_, out) = ok(raw);
-        for gone in ["Connection", "Keep-Alive", "X-Secret", "TE:", "Proxy-Connection", "https"] {
+        for gone in [
+            "Connection",
+            "Keep-Alive",
+            "X-Secret",
+            "TE:",
+            "Proxy-Connection",
+            "https",
+        ] {
             assert!(!out.contains(gone), "{gone} forwarded: {out}");
         }
         assert!(out.contains("X-Other: y\r\n"));
-        assert!(out.contains("X-Forwarded-For: 1.2.3.4, 198.18.0.7\r\n"), "{out}");
+        assert!(
+            out.contains("X-Forwarded-For: 1.2.3.4, 198.18.0.7\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
     fn upgrade_is_kept() {
-        let raw = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let raw =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
         let (head, out) = ok(raw);
         assert!(head.upgrade);
-        assert!(out.contains("Upgrade: websocket\r\n") && out.contains("Connection: Upgrade\r\n"), "{out}");
+        assert!(
+            out.contains("Upgrade: websocket\r\n") && out.contains("Connection: Upgrade\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -501,8 +568,14 @@ mod tests {
     #[test]
     fn rejected_requests() {
         let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
-        let long_header = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "a".repeat(70000));
-        let many_headers = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(101));
+        let long_header = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "a".repeat(70000)
+        );
+        let many_headers = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "X: y\r\n".repeat(101)
+        );
         let cases: Vec<(&[u8], u16)> = vec![
             (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", 400),
@@ -541,7 +614,12 @@ mod tests {
         for (raw, status) in cases {
             let (result, _) = parse_all(raw);
             let got = result.map_err(Reject::status);
-            assert_eq!(got.err(), Some(status), "{:?}", String::from_utf8_lossy(&raw[..raw.len().min(120)]));
+            assert_eq!(
+                got.err(),
+                Some(status),
+                "{:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(120)])
+            );
         }
     }
 

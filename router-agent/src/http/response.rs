@@ -97,7 +97,11 @@ pub fn parse(
                 .map(|h| h.value),
         )
         .map_err(|_| InvalidResponse("invalid Transfer-Encoding"))?;
-        if chunked { BodyFraming::Chunked } else { BodyFraming::UntilClose }
+        if chunked {
+            BodyFraming::Chunked
+        } else {
+            BodyFraming::UntilClose
+        }
     } else {
         match content_length {
             Some(0) => BodyFraming::None,
@@ -186,7 +190,10 @@ mod tests {
         set_sticky: None,
     };
 
-    fn parse_with(raw: &[u8], client: &ClientSide<'_>) -> (Result<Option<ResponseHead>, InvalidResponse>, String) {
+    fn parse_with(
+        raw: &[u8],
+        client: &ClientSide<'_>,
+    ) -> (Result<Option<ResponseHead>, InvalidResponse>, String) {
         let mut out = Vec::new();
         let result = parse(raw, client, &mut out);
         (result, String::from_utf8_lossy(&out).into_owned())
@@ -195,28 +202,71 @@ mod tests {
     #[test]
     fn framing() {
         let cases: &[(&[u8], BodyFraming, bool)] = &[
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", BodyFraming::Length(5), true),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", BodyFraming::Chunked, true),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                BodyFraming::Length(5),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                BodyFraming::Chunked,
+                true,
+            ),
             (b"HTTP/1.1 200 OK\r\n\r\n", BodyFraming::UntilClose, false),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", BodyFraming::UntilClose, false),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                BodyFraming::UntilClose,
+                false,
+            ),
             (b"HTTP/1.1 204 No Content\r\n\r\n", BodyFraming::None, true),
-            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", BodyFraming::None, true),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n", BodyFraming::Length(5), false),
-            (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", BodyFraming::Length(5), false),
-            (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n", BodyFraming::Length(5), true),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", BodyFraming::Length(5), true),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+                BodyFraming::None,
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+                BodyFraming::Length(5),
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n",
+                BodyFraming::Length(5),
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n",
+                BodyFraming::Length(5),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                BodyFraming::Length(5),
+                true,
+            ),
         ];
         for (raw, body, keep_alive) in cases {
             let head = parse_with(raw, &CLIENT).0.unwrap().unwrap();
-            assert_eq!((head.body, head.backend_keep_alive), (*body, *keep_alive), "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                (head.body, head.backend_keep_alive),
+                (*body, *keep_alive),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
             assert_eq!(head.close_client, *body == BodyFraming::UntilClose);
         }
     }
 
     #[test]
     fn head_request_has_no_body() {
-        let client = ClientSide { request_was_head: true, ..CLIENT };
-        let head = parse_with(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", &client).0.unwrap().unwrap();
+        let client = ClientSide {
+            request_was_head: true,
+            ..CLIENT
+        };
+        let head = parse_with(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", &client)
+            .0
+            .unwrap()
+            .unwrap();
         assert_eq!(head.body, BodyFraming::None);
     }
 
@@ -233,24 +283,40 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
         ];
         for raw in cases {
-            assert!(parse_with(raw, &CLIENT).0.is_err(), "{:?}", String::from_utf8_lossy(raw));
+            assert!(
+                parse_with(raw, &CLIENT).0.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 
     #[test]
     fn client_head_rewrite() {
         let raw = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok";
-        let client = ClientSide { set_sticky: Some("abc"), ..CLIENT };
+        let client = ClientSide {
+            set_sticky: Some("abc"),
+            ..CLIENT
+        };
         let (result, out) = parse_with(raw, &client);
         assert_eq!(result.unwrap().unwrap().head_len, raw.len() - 2);
         assert_eq!(
             out,
             "HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nSet-Cookie: CONTAINERID=abc; path=/\r\n\r\n"
         );
-        let client = ClientSide { keep_alive: false, ..CLIENT };
+        let client = ClientSide {
+            keep_alive: false,
+            ..CLIENT
+        };
         let (_, out) = parse_with(raw, &client);
-        assert!(out.ends_with("Content-Length: 2\r\nConnection: close\r\n\r\n"), "{out}");
-        let client = ClientSide { http10: true, ..CLIENT };
+        assert!(
+            out.ends_with("Content-Length: 2\r\nConnection: close\r\n\r\n"),
+            "{out}"
+        );
+        let client = ClientSide {
+            http10: true,
+            ..CLIENT
+        };
         let (_, out) = parse_with(raw, &client);
         assert!(out.ends_with("Connection: keep-alive\r\n\r\n"), "{out}");
     }
@@ -260,10 +326,19 @@ mod tests {
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
         let (result, out) = parse_with(raw, &CLIENT);
         let head = result.unwrap().unwrap();
-        assert_eq!((head.status, head.body, head.close_client), (101, BodyFraming::None, false));
-        assert!(out.contains("Upgrade: websocket\r\n") && out.contains("Connection: Upgrade\r\n"), "{out}");
+        assert_eq!(
+            (head.status, head.body, head.close_client),
+            (101, BodyFraming::None, false)
+        );
+        assert!(
+            out.contains("Upgrade: websocket\r\n") && out.contains("Connection: Upgrade\r\n"),
+            "{out}"
+        );
 
-        let client = ClientSide { set_sticky: Some("abc"), ..CLIENT };
+        let client = ClientSide {
+            set_sticky: Some("abc"),
+            ..CLIENT
+        };
         let (result, out) = parse_with(b"HTTP/1.1 100 Continue\r\n\r\n", &client);
         assert!(result.unwrap().unwrap().is_interim());
         assert!(!out.contains("Set-Cookie"), "{out}");

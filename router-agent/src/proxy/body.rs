@@ -6,7 +6,10 @@ use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::{
-    http::{BodyFraming, chunked::{ChunkError, ChunkedScanner}},
+    http::{
+        BodyFraming,
+        chunked::{ChunkError, ChunkedScanner},
+    },
     metrics::Metrics,
 };
 
@@ -66,7 +69,9 @@ where
         if buf.is_empty() {
             fill(src, buf).await?;
         }
-        let take = buf.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let take = buf
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
         write(dst, &buf[..take], copied).await?;
         buf.advance(take);
         remaining -= take as u64;
@@ -130,7 +135,11 @@ async fn fill<R: AsyncRead + Unpin>(src: &mut R, buf: &mut BytesMut) -> Result<(
     }
 }
 
-async fn write<W: AsyncWrite + Unpin>(dst: &mut W, bytes: &[u8], copied: &AtomicU64) -> Result<(), RelayError> {
+async fn write<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    bytes: &[u8],
+    copied: &AtomicU64,
+) -> Result<(), RelayError> {
     dst.write_all(bytes).await.map_err(RelayError::Sink)?;
     Metrics::add(copied, bytes.len() as u64);
     Ok(())
@@ -140,7 +149,11 @@ async fn write<W: AsyncWrite + Unpin>(dst: &mut W, bytes: &[u8], copied: &Atomic
 mod tests {
     use super::*;
 
-    async fn run(framing: BodyFraming, buffered: &[u8], stream: &[u8]) -> (Result<(), RelayError>, Vec<u8>, Vec<u8>) {
+    async fn run(
+        framing: BodyFraming,
+        buffered: &[u8],
+        stream: &[u8],
+    ) -> (Result<(), RelayError>, Vec<u8>, Vec<u8>) {
         let mut src = stream;
         let mut buf = BytesMut::from(buffered);
         let mut out = Vec::new();
@@ -158,7 +171,8 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_body_keeps_what_follows() {
-        let (result, out, rest) = run(BodyFraming::Chunked, b"3\r\nab", b"c\r\n0\r\n\r\nNEXT").await;
+        let (result, out, rest) =
+            run(BodyFraming::Chunked, b"3\r\nab", b"c\r\n0\r\n\r\nNEXT").await;
         assert!(result.is_ok());
         assert_eq!(out, b"3\r\nabc\r\n0\r\n\r\n");
         assert_eq!(rest, b"NEXT");

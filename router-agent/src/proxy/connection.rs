@@ -75,7 +75,11 @@ enum Attempt {
     /// Nothing reached the client and the request may be sent again elsewhere.
     Retry(String),
     /// Answer the client with this status (nothing was sent to it yet).
-    Fail { status: u16, kind: BackendError, why: String },
+    Fail {
+        status: u16,
+        kind: BackendError,
+        why: String,
+    },
     /// The client went away, or it was told something already: just close.
     Abort,
 }
@@ -117,10 +121,16 @@ impl Connection {
             client_ip: self.peer.ip(),
             forwarded_headers: settings.forwarded_headers,
         };
-        let mut head_deadline = (!self.buf.is_empty()).then(|| Instant::now() + settings.header_timeout);
+        let mut head_deadline =
+            (!self.buf.is_empty()).then(|| Instant::now() + settings.header_timeout);
         loop {
             if !self.buf.is_empty() {
-                match request::parse(&self.buf, &settings.limits, &forward, &mut self.request_head) {
+                match request::parse(
+                    &self.buf,
+                    &settings.limits,
+                    &forward,
+                    &mut self.request_head,
+                ) {
                     Ok(Some(head)) => return Ok(Some(head)),
                     Ok(None) => {}
                     Err(reject) => {
@@ -137,7 +147,9 @@ impl Connection {
                     r = tokio::time::timeout(settings.idle_timeout, self.client.read_buf(&mut self.buf)) => r,
                     _ = self.shutdown.wait_for(|stopping| *stopping) => return Ok(None),
                 },
-                Some(deadline) => tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf)).await,
+                Some(deadline) => {
+                    tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf)).await
+                }
             };
             match read {
                 Err(_) if head_deadline.is_some() => {
@@ -184,7 +196,8 @@ impl Connection {
         let metrics = self.ctx.metrics.clone();
         Metrics::add(&metrics.requests, 1);
         let table = self.ctx.published.table.load_full();
-        let Some(route) = table.lookup(&self.buf[head.host.clone()], &self.buf[head.path.clone()]) else {
+        let Some(route) = table.lookup(&self.buf[head.host.clone()], &self.buf[head.path.clone()])
+        else {
             self.answer(404).await;
             return Ok(Next::Close);
         };
@@ -219,7 +232,8 @@ impl Connection {
                 }
             };
             backend.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let set_sticky = (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
+            let set_sticky =
+                (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
             match self.attempt(head, &mut upstream, set_sticky).await {
                 Attempt::Done { next, keep_backend } => {
                     if keep_backend {
@@ -267,7 +281,12 @@ impl Connection {
     }
 
     /// Sends the request to one backend and relays its response.
-    async fn attempt(&mut self, head: &RequestHead, upstream: &mut Upstream, set_sticky: Option<&str>) -> Attempt {
+    async fn attempt(
+        &mut self,
+        head: &RequestHead,
+        upstream: &mut Upstream,
+        set_sticky: Option<&str>,
+    ) -> Attempt {
         let metrics = self.ctx.metrics.clone();
         if let Err(e) = upstream.stream.write_all(&self.request_head).await {
             return Attempt::Retry(format!("sending the request: {e}"));
@@ -327,7 +346,13 @@ impl RequestExchange<'_> {
         // `100 Continue` first (the client waits for it before sending the body), or answer
         // early without reading the body at all.
         let outcome = {
-            let body = body::relay(head.body, &mut client_read, self.client_buf, &mut backend_write, &self.metrics.bytes_copied);
+            let body = body::relay(
+                head.body,
+                &mut client_read,
+                self.client_buf,
+                &mut backend_write,
+                &self.metrics.bytes_copied,
+            );
             let response = read_response_head(
                 &mut backend_read,
                 &mut self.upstream.buf,
@@ -376,15 +401,26 @@ impl RequestExchange<'_> {
                 };
             }
             Err(ResponseError::Invalid(why)) => {
-                return Attempt::Fail { status: 502, kind: BackendError::InvalidResponse, why: why.into() };
+                return Attempt::Fail {
+                    status: 502,
+                    kind: BackendError::InvalidResponse,
+                    why: why.into(),
+                };
             }
-            Err(ResponseError::Lost { error, client_saw_bytes }) if client_saw_bytes => {
+            Err(ResponseError::Lost {
+                error,
+                client_saw_bytes,
+            }) if client_saw_bytes => {
                 debug!("backend lost after an interim response: {error}");
                 return Attempt::Abort;
             }
             Err(ResponseError::Lost { error, .. }) if resendable => return Attempt::Retry(error),
             Err(ResponseError::Lost { error, .. }) => {
-                return Attempt::Fail { status: 502, kind: BackendError::Reset, why: error };
+                return Attempt::Fail {
+                    status: 502,
+                    kind: BackendError::Reset,
+                    why: error,
+                };
             }
             Err(ResponseError::ClientGone) => return Attempt::Abort,
         };
@@ -399,9 +435,20 @@ impl RequestExchange<'_> {
         if response.status == 101 {
             drop((client_read, client_write, backend_read, backend_write));
             tunnel(self.client, self.client_buf, self.upstream, self.metrics).await;
-            return Attempt::Done { next: Next::Close, keep_backend: false };
+            return Attempt::Done {
+                next: Next::Close,
+                keep_backend: false,
+            };
         }
-        match body::relay(response.body, &mut backend_read, &mut self.upstream.buf, &mut client_write, &self.metrics.bytes_copied).await {
+        match body::relay(
+            response.body,
+            &mut backend_read,
+            &mut self.upstream.buf,
+            &mut client_write,
+            &self.metrics.bytes_copied,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(e) => {
                 debug!("response body: {e}");
@@ -410,8 +457,14 @@ impl RequestExchange<'_> {
         }
         let body_complete = matches!(request_body, RequestBody::Complete);
         Attempt::Done {
-            next: if response.close_client || !body_complete { Next::Close } else { Next::KeepAlive },
-            keep_backend: response.backend_keep_alive && body_complete && self.upstream.buf.is_empty(),
+            next: if response.close_client || !body_complete {
+                Next::Close
+            } else {
+                Next::KeepAlive
+            },
+            keep_backend: response.backend_keep_alive
+                && body_complete
+                && self.upstream.buf.is_empty(),
         }
     }
 }
@@ -420,7 +473,10 @@ enum ResponseError {
     Timeout,
     Invalid(&'static str),
     /// The backend closed or reset the connection before a complete head.
-    Lost { error: String, client_saw_bytes: bool },
+    Lost {
+        error: String,
+        client_saw_bytes: bool,
+    },
     ClientGone,
 }
 
@@ -444,7 +500,10 @@ where
         if !buf.is_empty() {
             match response::parse(buf, client_side, out) {
                 Ok(Some(head)) if head.is_interim() => {
-                    client.write_all(out).await.map_err(|_| ResponseError::ClientGone)?;
+                    client
+                        .write_all(out)
+                        .await
+                        .map_err(|_| ResponseError::ClientGone)?;
                     Metrics::add(&metrics.bytes_copied, out.len() as u64);
                     client_saw_bytes = true;
                     buf.advance(head.head_len);
@@ -459,18 +518,35 @@ where
         match tokio::time::timeout_at(deadline, backend.read_buf(buf)).await {
             Err(_) => return Err(ResponseError::Timeout),
             Ok(Ok(0)) => {
-                let error = if buf.is_empty() { "closed without a response" } else { "closed inside the response head" };
-                return Err(ResponseError::Lost { error: error.into(), client_saw_bytes });
+                let error = if buf.is_empty() {
+                    "closed without a response"
+                } else {
+                    "closed inside the response head"
+                };
+                return Err(ResponseError::Lost {
+                    error: error.into(),
+                    client_saw_bytes,
+                });
             }
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(ResponseError::Lost { error: e.to_string(), client_saw_bytes }),
+            Ok(Err(e)) => {
+                return Err(ResponseError::Lost {
+                    error: e.to_string(),
+                    client_saw_bytes,
+                });
+            }
         }
     }
 }
 
 /// After `101 Switching Protocols`: both sides speak another protocol; move bytes both ways
 /// until either side is done.
-async fn tunnel(client: &mut TcpStream, client_buf: &mut BytesMut, upstream: &mut Upstream, metrics: &Metrics) {
+async fn tunnel(
+    client: &mut TcpStream,
+    client_buf: &mut BytesMut,
+    upstream: &mut Upstream,
+    metrics: &Metrics,
+) {
     if !upstream.buf.is_empty() {
         if client.write_all(&upstream.buf).await.is_err() {
             return;
@@ -497,7 +573,10 @@ struct StickyId {
 
 impl StickyId {
     fn new(value: Option<&[u8]>) -> Self {
-        let mut id = Self { bytes: [0; 64], len: 0 };
+        let mut id = Self {
+            bytes: [0; 64],
+            len: 0,
+        };
         if let Some(value) = value.filter(|v| v.len() <= id.bytes.len()) {
             id.bytes[..value.len()].copy_from_slice(value);
             id.len = value.len();

@@ -9,10 +9,17 @@ mod upstream;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use tokio::{net::TcpListener, sync::{mpsc, watch}};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 use tracing::{info, warn};
 
-use crate::{config::ProxySettings, metrics::Metrics, registry::{Message, Published}};
+use crate::{
+    config::ProxySettings,
+    metrics::Metrics,
+    registry::{Message, Published},
+};
 
 /// What every connection task shares.
 pub struct ProxyContext {

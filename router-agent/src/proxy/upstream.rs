@@ -28,10 +28,18 @@ impl Upstream {
     pub async fn connect(backend: &Backend, timeout: Duration) -> io::Result<Self> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
             Ok(stream) => stream?,
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}"))),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                ));
+            }
         };
         stream.set_nodelay(true)?;
-        backend.stats.active_connections.fetch_add(1, Ordering::Relaxed);
+        backend
+            .stats
+            .active_connections
+            .fetch_add(1, Ordering::Relaxed);
         Ok(Self {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
@@ -56,6 +64,8 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }

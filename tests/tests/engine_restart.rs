@@ -1,0 +1,135 @@
+//! The Docker engine goes away and comes back while the agent runs: routing continues with what
+//! is known, and once the engine answers again new containers become routable.
+use std::{
+    fs::OpenOptions,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tests::{
+    agent::Agent,
+    client,
+    docker::{Container, docker_ok},
+    unique, wait_for,
+};
+
+/// The running dockerd's command line and environment, to start it again the same way.
+struct EngineCommand {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+fn dockerd_pid() -> i32 {
+    let out = Command::new("pidof")
+        .arg("dockerd")
+        .output()
+        .expect("pidof");
+    let pids = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        !pids.is_empty() && !pids.contains(' '),
+        "exactly one dockerd runs: {pids:?}"
+    );
+    pids.parse().expect("pid")
+}
+
+fn read_nul_separated(path: &str) -> Vec<String> {
+    std::fs::read(path)
+        .expect("readable /proc entry")
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+impl EngineCommand {
+    fn of(pid: i32) -> Self {
+        let argv = read_nul_separated(&format!("/proc/{pid}/cmdline"));
+        let env = read_nul_separated(&format!("/proc/{pid}/environ"))
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        Self { argv, env }
+    }
+
+    fn start(&self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open("/var/log/router-dockerd.log")
+            .expect("log");
+        Command::new("setsid")
+            .args(&self.argv)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("dockerd starts");
+        wait_for("dockerd to answer again", Duration::from_secs(60), || {
+            docker_ok(&["info"])
+        });
+    }
+}
+
+/// Brings the engine back even if the test fails half-way.
+struct RestartGuard(Option<EngineCommand>);
+
+impl Drop for RestartGuard {
+    fn drop(&mut self) {
+        if let Some(engine) = self.0.take()
+            && !docker_ok(&["info"])
+        {
+            engine.start();
+        }
+    }
+}
+
+#[test]
+fn routing_survives_an_engine_restart_and_new_containers_are_found_after_it() {
+    let before = format!("{}.local", unique("before"));
+    let after = format!("{}.local", unique("after"));
+    let agent = Agent::start(&[]);
+    let old = Container::backend(
+        &unique("before"),
+        &[&format!("aliyun.routing.port_80={before}")],
+    );
+    agent.wait_up(&before, &[&old.id], Duration::from_secs(15));
+
+    let pid = dockerd_pid();
+    let mut guard = RestartGuard(Some(EngineCommand::of(pid)));
+    // SAFETY: kill(2) with a pid read from pidof; at worst it fails.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_for("dockerd to exit", Duration::from_secs(30), || {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid, 0) != 0 }
+    });
+    wait_for("the agent to notice", Duration::from_secs(10), || {
+        agent.json("/healthz")["engine_connected"] == false
+    });
+
+    // The engine is gone (live-restore keeps the container running): routing goes on.
+    for _ in 0..5 {
+        let response = client::get(agent.http_addr(), &before, "/", &[]).expect("request");
+        assert_eq!(response.status, 200, "routing continues without the engine");
+        assert_eq!(response.backend(), Some(old.short_id()));
+    }
+
+    guard.0.take().expect("engine command").start();
+    wait_for("the agent to reconnect", Duration::from_secs(20), || {
+        agent.json("/healthz")["engine_connected"] == true
+    });
+    let new = Container::backend(
+        &unique("after"),
+        &[&format!("aliyun.routing.port_80={after}")],
+    );
+    agent.wait_up(&after, &[&new.id], Duration::from_secs(15));
+    let response = client::get(agent.http_addr(), &after, "/", &[]).expect("request");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.backend(), Some(new.short_id()));
+    // What was known before the restart is still routed after the resync.
+    assert_eq!(agent.state_of(&before, &old.id).as_deref(), Some("up"));
+}

@@ -1,0 +1,73 @@
+//! A container with a bad label is reported (log line and `/api/containers`) and skipped;
+//! every other route keeps working.
+use std::time::Duration;
+
+use tests::{agent::Agent, client, docker::Container, unique, wait_for};
+
+#[test]
+fn bad_label_is_reported_and_other_routes_work() {
+    let good_domain = format!("{}.local", unique("good"));
+    let agent = Agent::start(&[]);
+    let bad = Container::backend(
+        &unique("bad-label"),
+        &[
+            "aliyun.routing.port_80=Bad_Name.local",
+            "aliyun.routing.weight=150",
+        ],
+    );
+    let good = Container::backend(
+        &unique("good"),
+        &[&format!("aliyun.routing.port_80={good_domain}")],
+    );
+    agent.wait_up(&good_domain, &[&good.id], Duration::from_secs(15));
+
+    let response = client::get(agent.http_addr(), &good_domain, "/", &[]).expect("request");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.backend(), Some(good.short_id()));
+
+    wait_for(
+        "the bad container in /api/containers",
+        Duration::from_secs(5),
+        || agent.container(&bad.id).is_some(),
+    );
+    let view = agent.container(&bad.id).expect("listed");
+    assert_eq!(view["routed"], false, "{view}");
+    let errors = view["errors"].as_array().expect("errors").clone();
+    assert_eq!(errors.len(), 2, "both bad labels are reported: {view}");
+    let port_error = errors
+        .iter()
+        .find(|e| e["label"] == "aliyun.routing.port_80")
+        .expect("route error");
+    assert_eq!(port_error["value"], "Bad_Name.local");
+    assert!(
+        port_error["reason"]
+            .as_str()
+            .unwrap()
+            .contains("lower-case"),
+        "{port_error}"
+    );
+    let weight_error = errors
+        .iter()
+        .find(|e| e["label"] == "aliyun.routing.weight")
+        .expect("weight error");
+    assert!(
+        weight_error["reason"]
+            .as_str()
+            .unwrap()
+            .contains("0 to 100"),
+        "{weight_error}"
+    );
+
+    // No route was made from the bad container.
+    let routes = agent.json("/api/routes").to_string();
+    assert!(!routes.contains(&bad.id), "{routes}");
+    // The log names container, label, value and reason.
+    let log = agent.log();
+    assert!(
+        log.lines().any(|l| l.contains(&bad.name)
+            && l.contains("aliyun.routing.port_80")
+            && l.contains("Bad_Name.local")
+            && l.contains("lower-case")),
+        "{log}"
+    );
+}
