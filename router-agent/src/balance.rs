@@ -64,10 +64,6 @@ impl Schedule {
         }
         None
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {

@@ -79,10 +79,6 @@ impl Route {
             by_cookie: false,
         })
     }
-
-    pub fn has_ready_backend(&self) -> bool {
-        !self.schedule.is_empty()
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,7 +364,6 @@ mod tests {
             ],
         )]);
         let route = t.lookup(b"s.local", b"/").unwrap();
-        assert!(!route.has_ready_backend());
         assert!(route.select(None, &[]).is_none());
     }
 }

@@ -92,3 +92,66 @@ fn parse(raw: &[u8]) -> io::Result<Response> {
         body: raw[head_len..].to_vec(),
     })
 }
+
+/// A kept-alive connection carrying several requests; responses are framed by Content-Length.
+pub struct KeepAlive {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Self {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn get(&mut self, host: &str, path: &str) -> io::Result<Response> {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        self.stream.write_all(request.as_bytes())?;
+        self.read_response()
+    }
+
+    /// Reads one response whose body has a Content-Length (or none).
+    pub fn read_response(&mut self) -> io::Result<Response> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(head_len)) = parsed.parse(&self.buf) {
+                let length = parsed
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .unwrap_or(0);
+                if self.buf.len() >= head_len + length {
+                    let mut response = parse(&self.buf[..head_len])?;
+                    response.body = self.buf[head_len..head_len + length].to_vec();
+                    self.buf.drain(..head_len + length);
+                    return Ok(response);
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Whether the peer closed the connection (reads EOF).
+    pub fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.read(&mut byte), Ok(0))
+    }
+}
