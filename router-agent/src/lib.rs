@@ -1,0 +1,17 @@
+//! The router agent as a library: the binary (`main.rs`) parses the command line and calls
+//! [`app::run`]; tests and fuzz targets reach the pure cores (`http`, `labels`, `table`, ...).
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod cidr;
+pub mod config;
+pub mod discovery;
+pub mod ebpf;
+pub mod health;
+pub mod http;
+pub mod labels;
+pub mod metrics;
+pub mod probe;
+pub mod proxy;
+pub mod registry;
+pub mod table;
