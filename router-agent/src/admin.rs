@@ -17,16 +17,21 @@ use crate::{
     config::DatapathMode,
     health::BackendState,
     labels::Scheme,
-    metrics::{DatapathCounters, Metrics},
+    metrics::DatapathCounters,
+    proxy::{Pool, ProxyContext},
     registry::Published,
     table::Route,
 };
 
+/// The admin API reads what the data path shares.
 pub struct AdminState {
-    pub published: Arc<Published>,
-    pub metrics: Arc<Metrics>,
-    pub datapath_mode: DatapathMode,
-    pub kernel_offload: bool,
+    pub proxy: Arc<ProxyContext>,
+}
+
+impl AdminState {
+    fn published(&self) -> &Published {
+        &self.proxy.published
+    }
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
@@ -72,7 +77,11 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         Some("/api/routes") => (200, "application/json", routes_json(state)),
         Some("/api/containers") => (200, "application/json", containers_json(state)),
         Some("/healthz") => (200, "application/json", healthz_json(state)),
-        Some("/metrics") => (200, "text/plain; version=0.0.4", state.metrics.render()),
+        Some("/metrics") => (
+            200,
+            "text/plain; version=0.0.4",
+            state.proxy.metrics.render(),
+        ),
         Some(_) => (
             404,
             "application/json",
@@ -115,6 +124,8 @@ struct BackendJson<'a> {
     weight: u32,
     state: BackendState,
     active_connections: u64,
+    /// Kept-alive connections waiting in the pool for the next request.
+    idle_connections: usize,
     requests: u64,
 }
 
@@ -122,25 +133,32 @@ struct BackendJson<'a> {
 struct DatapathJson {
     mode: DatapathMode,
     kernel_offload: bool,
+    /// Sockets in the kernel's sockhash now (two per offloaded tunnel).
+    offloaded_sockets: Option<usize>,
     #[serde(flatten)]
     counters: DatapathCounters,
 }
 
 fn routes_json(state: &AdminState) -> String {
-    let table = state.published.table.load();
-    let routes: Vec<RouteJson<'_>> = table.routes().into_iter().map(|r| route_json(r)).collect();
+    let table = state.published().table.load();
+    let routes: Vec<RouteJson<'_>> = table
+        .routes()
+        .into_iter()
+        .map(|r| route_json(r, &state.proxy.pool))
+        .collect();
     json!({
         "routes": routes,
         "datapath": DatapathJson {
-            mode: state.datapath_mode,
-            kernel_offload: state.kernel_offload,
-            counters: state.metrics.datapath(),
+            mode: state.proxy.datapath,
+            kernel_offload: state.proxy.offload.is_some(),
+            offloaded_sockets: state.proxy.offload.as_ref().map(|o| o.offloaded_sockets()),
+            counters: state.proxy.metrics.datapath(),
         },
     })
     .to_string()
 }
 
-fn route_json(route: &Route) -> RouteJson<'_> {
+fn route_json<'a>(route: &'a Route, pool: &Pool) -> RouteJson<'a> {
     RouteJson {
         domain: &route.domain,
         path: if route.listen_port.is_some() {
@@ -162,6 +180,7 @@ fn route_json(route: &Route) -> RouteJson<'_> {
                 weight: b.weight,
                 state: b.state,
                 active_connections: b.stats.active_connections.load(Ordering::Relaxed),
+                idle_connections: pool.idle_for(b),
                 requests: b.stats.requests.load(Ordering::Relaxed),
             })
             .collect(),
@@ -170,9 +189,9 @@ fn route_json(route: &Route) -> RouteJson<'_> {
 
 fn containers_json(state: &AdminState) -> String {
     json!({
-        "engine_connected": state.published.engine_connected.load(Ordering::Relaxed),
-        "internal_cidrs": &**state.published.internal_cidrs.load(),
-        "containers": &**state.published.containers.load(),
+        "engine_connected": state.published().engine_connected.load(Ordering::Relaxed),
+        "internal_cidrs": &**state.published().internal_cidrs.load(),
+        "containers": &**state.published().containers.load(),
     })
     .to_string()
 }
@@ -180,8 +199,8 @@ fn containers_json(state: &AdminState) -> String {
 fn healthz_json(state: &AdminState) -> String {
     json!({
         "status": "ok",
-        "engine_connected": state.published.engine_connected.load(Ordering::Relaxed),
-        "kernel_offload": state.kernel_offload,
+        "engine_connected": state.published().engine_connected.load(Ordering::Relaxed),
+        "kernel_offload": state.proxy.offload.is_some(),
     })
     .to_string()
 }

@@ -55,22 +55,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let offload = offload.map(Arc::new);
     let ctx = Arc::new(ProxyContext {
         published: published.clone(),
         settings: config.proxy.clone(),
         metrics: metrics.clone(),
         registry: registry_tx,
         shutdown: shutdown_rx,
+        datapath: config.datapath,
+        offload: offload.clone(),
+        pool: proxy::Pool::default(),
+        pipes: proxy::PipePool::default(),
     });
+    tokio::spawn(proxy::maintain_pool(ctx.clone()));
+    let mut route_addresses: Vec<_> = config.listen.iter().map(std::net::SocketAddr::ip).collect();
+    route_addresses.dedup();
+    tokio::spawn(proxy::serve_tcp_routes(ctx.clone(), route_addresses));
     for addr in &config.listen {
         tokio::spawn(proxy::serve(proxy::bind(*addr)?, ctx.clone()));
     }
-    let admin = admin::AdminState {
-        published,
-        metrics: metrics.clone(),
-        datapath_mode: config.datapath,
-        kernel_offload: offload.is_some(),
-    };
+    let admin = admin::AdminState { proxy: ctx.clone() };
     tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
 
     wait_for_stop_signal().await?;

@@ -1,24 +1,43 @@
 //! The kernel half, from userspace: load `router-ebpf`, attach the stream verdict program to the
-//! sockhash, and hold the maps the data path programs.
+//! sockhash, and hand socket pairs to it.
 //!
 //! Loading can fail for reasons the user may not control (no CAP_BPF, old kernel, locked-down
 //! host). The router then logs one line saying so and forwards everything in userspace.
-use std::sync::Mutex;
+use std::{
+    io,
+    os::fd::{AsRawFd as _, RawFd},
+    sync::Mutex,
+};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, MapData, MapError, SockHash},
     programs::SkSkb,
 };
 use router_common::{TunnelEntry, maps, programs};
+use tokio::net::TcpStream;
 
 /// The loaded programs and maps; dropping it detaches everything.
 pub struct KernelOffload {
     /// Owns the program and its attachment.
     _ebpf: Ebpf,
-    pub sockhash: Mutex<SockHash<MapData, u64>>,
-    pub tunnels: Mutex<HashMap<MapData, u64, TunnelEntry>>,
+    maps: Mutex<Maps>,
+}
+
+struct Maps {
+    /// Sockets whose incoming bytes the verdict program judges.
+    sockhash: SockHash<MapData, u64>,
+    /// Redirect destinations.
+    peers: SockHash<MapData, u64>,
+    tunnels: HashMap<MapData, u64, TunnelEntry>,
+}
+
+/// Socket cookies of an offloaded pair.
+#[derive(Clone, Copy, Debug)]
+pub struct OffloadedPair {
+    pub client: u64,
+    pub backend: u64,
 }
 
 impl KernelOffload {
@@ -28,16 +47,9 @@ impl KernelOffload {
             "/router"
         )))
         .context("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
-        let sockhash: SockHash<MapData, u64> = ebpf
-            .take_map(maps::SOCKHASH)
-            .context("the eBPF object has no SOCKHASH map")?
-            .try_into()
-            .context("SOCKHASH is not a sockhash")?;
-        let tunnels: HashMap<MapData, u64, TunnelEntry> = ebpf
-            .take_map(maps::TUNNELS)
-            .context("the eBPF object has no TUNNELS map")?
-            .try_into()
-            .context("TUNNELS is not a hash map")?;
+        let sockhash: SockHash<MapData, u64> = take_map(&mut ebpf, maps::SOCKHASH)?;
+        let peers: SockHash<MapData, u64> = take_map(&mut ebpf, maps::PEERS)?;
+        let tunnels: HashMap<MapData, u64, TunnelEntry> = take_map(&mut ebpf, maps::TUNNELS)?;
         let program: &mut SkSkb = ebpf
             .program_mut(programs::TUNNEL_VERDICT)
             .context("the eBPF object has no tunnel_verdict program")?
@@ -51,8 +63,133 @@ impl KernelOffload {
             .context("attaching the stream verdict to the sockhash failed")?;
         Ok(Self {
             _ebpf: ebpf,
-            sockhash: Mutex::new(sockhash),
-            tunnels: Mutex::new(tunnels),
+            maps: Mutex::new(Maps {
+                sockhash,
+                peers,
+                tunnels,
+            }),
         })
+    }
+
+    /// From now on, bytes arriving on either socket leave through the other, in the kernel.
+    ///
+    /// Order matters (ENVIRONMENT.md traps): both sockets become redirect destinations first,
+    /// then each learns its peer, and only then does the verdict program start judging them,
+    /// so no redirect ever finds its destination missing. Bytes that arrived before this call
+    /// wait in the receive queues and are judged at the next receive ([`kick`]).
+    pub fn attach_pair(
+        &self,
+        client: &TcpStream,
+        backend: &TcpStream,
+    ) -> io::Result<OffloadedPair> {
+        let (client, backend) = (client.as_raw_fd(), backend.as_raw_fd());
+        let pair = OffloadedPair {
+            client: socket_cookie(client)?,
+            backend: socket_cookie(backend)?,
+        };
+        let mut maps = self.maps.lock().expect("offload maps lock");
+        let result = (|| {
+            maps.peers.insert(pair.client, client, 0)?;
+            maps.peers.insert(pair.backend, backend, 0)?;
+            maps.tunnels.insert(
+                pair.client,
+                TunnelEntry {
+                    peer_cookie: pair.backend,
+                    bytes_redirected: 0,
+                },
+                0,
+            )?;
+            maps.tunnels.insert(
+                pair.backend,
+                TunnelEntry {
+                    peer_cookie: pair.client,
+                    bytes_redirected: 0,
+                },
+                0,
+            )?;
+            maps.sockhash.insert(pair.client, client, 0)?;
+            maps.sockhash.insert(pair.backend, backend, 0)
+        })();
+        if let Err(e) = result {
+            maps.remove(pair);
+            return Err(io::Error::other(format!(
+                "offloading the connection failed: {e}"
+            )));
+        }
+        Ok(pair)
+    }
+
+    /// Bytes the kernel redirected so far out of the socket with this cookie's peer.
+    pub fn redirected_from(&self, cookie: u64) -> u64 {
+        let maps = self.maps.lock().expect("offload maps lock");
+        maps.tunnels
+            .get(&cookie, 0)
+            .map_or(0, |e| e.bytes_redirected)
+    }
+
+    /// Takes the pair out of the kernel path; returns the bytes it redirected in total.
+    pub fn detach_pair(&self, pair: OffloadedPair) -> u64 {
+        let mut maps = self.maps.lock().expect("offload maps lock");
+        let total = [pair.client, pair.backend]
+            .iter()
+            .map(|c| maps.tunnels.get(c, 0).map_or(0, |e| e.bytes_redirected))
+            .sum();
+        maps.remove(pair);
+        total
+    }
+
+    /// Sockets in the sockhash now (the kernel also drops closed sockets by itself).
+    pub fn offloaded_sockets(&self) -> usize {
+        self.maps
+            .lock()
+            .expect("offload maps lock")
+            .sockhash
+            .keys()
+            .filter(Result::is_ok)
+            .count()
+    }
+}
+
+impl Maps {
+    /// Removes every trace of the pair; entries already gone (closed sockets leave the
+    /// sockhash on their own) are fine.
+    fn remove(&mut self, pair: OffloadedPair) {
+        for cookie in [pair.client, pair.backend] {
+            let _ = self.sockhash.remove(&cookie);
+            let _ = self.tunnels.remove(&cookie);
+            let _ = self.peers.remove(&cookie);
+        }
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    ebpf.take_map(name)
+        .with_context(|| format!("the eBPF object has no {name} map"))?
+        .try_into()
+        .with_context(|| format!("{name} has an unexpected map type"))
+}
+
+/// The kernel's unique id of a socket (SO_COOKIE), the key of every map.
+pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    const SO_COOKIE: libc::c_int = 57;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

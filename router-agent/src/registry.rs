@@ -52,6 +52,8 @@ pub enum Message {
 /// What the registry publishes for readers (proxy, admin API).
 pub struct Published {
     pub table: ArcSwap<RoutingTable>,
+    /// Bumped after every new table, for those who act on changes (the connection pool).
+    pub table_version: tokio::sync::watch::Sender<u64>,
     pub containers: ArcSwap<Vec<ContainerView>>,
     pub internal_cidrs: ArcSwap<Vec<Cidr>>,
     pub engine_connected: AtomicBool,
@@ -61,6 +63,7 @@ impl Published {
     pub fn new(fixed_cidrs: Option<&[Cidr]>) -> Self {
         Self {
             table: ArcSwap::from_pointee(RoutingTable::default()),
+            table_version: tokio::sync::watch::Sender::new(0),
             containers: ArcSwap::from_pointee(Vec::new()),
             internal_cidrs: ArcSwap::from_pointee(
                 fixed_cidrs.map_or_else(|| Cidr::loopback().to_vec(), <[Cidr]>::to_vec),
@@ -447,6 +450,7 @@ impl Registry {
             routes.into_values().collect(),
         )));
         self.published.containers.store(Arc::new(views));
+        self.published.table_version.send_modify(|v| *v += 1);
     }
 }
 

@@ -5,8 +5,13 @@
 
 /// Names and sizes of the maps the agent opens in the loaded object.
 pub mod maps {
-    /// `SOCKHASH`: socket cookie (`u64`) -> socket. The verdict program redirects into it.
+    /// `SOCKHASH`: socket cookie (`u64`) -> socket. The stream verdict program is attached to
+    /// it: every socket inserted here has its incoming bytes judged by the program.
     pub const SOCKHASH: &str = "SOCKHASH";
+    /// `PEERS`: socket cookie (`u64`) -> socket, with no program: the destinations of
+    /// redirects. Inserting both sockets of a tunnel here first means a redirect never finds
+    /// its destination missing, whatever order the sockets then enter `SOCKHASH` in.
+    pub const PEERS: &str = "PEERS";
     /// `TUNNELS`: socket cookie (`u64`) -> [`super::TunnelEntry`] for every offloaded socket.
     pub const TUNNELS: &str = "TUNNELS";
     /// Upper bound on offloaded sockets (two per tunnel).

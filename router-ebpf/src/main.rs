@@ -2,8 +2,9 @@
 //! offloaded tunnels (WebSocket after `101`, `tcp://` routes) from one socket to its peer without
 //! waking userspace.
 //!
-//! The agent puts both sockets of a tunnel into `SOCKHASH` (keyed by socket cookie) and records
-//! each socket's peer in `TUNNELS`. A socket without a `TUNNELS` entry is passed to its own receive
+//! The agent puts both sockets of a tunnel into `PEERS` (redirect destinations, no program),
+//! records each socket's peer in `TUNNELS`, then puts both into `SOCKHASH`, where this program
+//! judges their incoming bytes. A socket without a `TUNNELS` entry is passed to its own receive
 //! queue, where userspace reads it as usual.
 #![no_std]
 #![no_main]
@@ -22,6 +23,9 @@ use router_common::{TunnelEntry, maps::MAX_OFFLOADED_SOCKETS};
 static SOCKHASH: SockHash<u64> = SockHash::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
 
 #[map]
+static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
+
+#[map]
 static TUNNELS: HashMap<u64, TunnelEntry> = HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
 
 #[stream_verdict]
@@ -33,10 +37,13 @@ pub fn tunnel_verdict(ctx: SkBuffContext) -> u32 {
 
 fn try_tunnel_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let len = ctx.len();
-    // A bare FIN arrives as a zero-length skb. Redirecting it makes the peer's sends fail with
-    // EPIPE; passing it lets userspace see EOF and propagate the half-close itself.
+    // A bare FIN arrives as a zero-length skb. It must go nowhere: redirected, it is a hard
+    // error in the peer's transmit queue (its sends stop with EPIPE); passed, it is queued behind
+    // any bytes waiting to be sent out of this same socket (one queue serves both) and stops
+    // that socket's transmit the same way. Dropped, the FIN has still done its work in TCP: the
+    // socket is shut for reading, userspace wakes up, reads EOF and passes the half-close on.
     if len == 0 {
-        return Ok(sk_action::SK_PASS);
+        return Ok(sk_action::SK_DROP);
     }
     // SAFETY: the context pointer is the live __sk_buff this program was invoked with.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -53,7 +60,7 @@ fn try_tunnel_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // Egress redirect (flags 0): the bytes are sent out of the peer socket. The helper answers
     // SK_PASS (redirect) on success and SK_DROP when the peer left the map (it closed); dropping
     // is right then, userspace tears the tunnel down.
-    Ok(SOCKHASH.redirect_skb(ctx, peer, 0) as u32)
+    Ok(PEERS.redirect_skb(ctx, peer, 0) as u32)
 }
 
 #[cfg(not(test))]

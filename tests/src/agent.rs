@@ -31,11 +31,19 @@ fn agent_binary() -> PathBuf {
     )
 }
 
+/// A port nothing listens on, below the kernel's ephemeral range (32768 and up), so that no
+/// outgoing connection of this machine can take it between now and the agent binding it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("0.0.0.0:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 500) as u16 * 20;
+    for _ in 0..10_000 {
+        let port = 20_000 + (start - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
 
 impl Agent {
@@ -166,12 +174,52 @@ impl Agent {
             .cloned()
     }
 
+    /// A value from `/metrics` (the exact series name, labels included).
+    pub fn metric(&self, series: &str) -> Option<u64> {
+        let response = client::get(self.admin, "localhost", "/metrics", &[]).ok()?;
+        String::from_utf8_lossy(&response.body)
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+    }
+
+    /// Waits until no client connection is open (so every counter of finished work is final).
+    pub fn wait_idle(&self) {
+        wait_for("no open client connection", Duration::from_secs(10), || {
+            self.metric("router_connections_active") == Some(0)
+        });
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Open file descriptors of the agent process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, Iterator::count)
+    }
+
+    /// Sends SIGTERM and waits for the exit status (or panics after `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -149,9 +149,87 @@ impl KeepAlive {
         }
     }
 
+    pub fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads one response head and no body (the answer to a HEAD request).
+    pub fn read_head_only(&mut self) -> io::Result<Response> {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let response = parse(&self.buf[..end + 4])?;
+                self.buf.drain(..end + 4);
+                return Ok(response);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     /// Whether the peer closed the connection (reads EOF).
     pub fn is_closed(&mut self) -> bool {
         let mut byte = [0u8; 1];
         matches!(self.stream.read(&mut byte), Ok(0))
+    }
+}
+
+/// Everything one connection returned: the bytes read, and whether the peer closed it.
+#[derive(Debug)]
+pub struct RawReply {
+    pub bytes: Vec<u8>,
+    /// EOF was read before the deadline: the peer closed (or half-closed) the connection.
+    pub closed: bool,
+}
+
+impl RawReply {
+    /// The single response in `bytes`.
+    pub fn response(&self) -> io::Result<Response> {
+        parse(&self.bytes)
+    }
+}
+
+/// Sends raw bytes, then reads until EOF or until `timeout` passes. Unlike [`exchange`], a peer
+/// that keeps the connection open is not an error: `closed` tells the two apart.
+pub fn exchange_raw(addr: SocketAddr, request: &[u8], timeout: Duration) -> io::Result<RawReply> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.write_all(request)?;
+    read_until_closed(&mut stream, timeout)
+}
+
+/// Reads from `stream` until EOF or until `timeout` passes.
+pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> io::Result<RawReply> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(RawReply {
+                bytes,
+                closed: false,
+            });
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Ok(RawReply {
+                    bytes,
+                    closed: true,
+                });
+            }
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
     }
 }

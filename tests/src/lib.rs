@@ -30,4 +30,6 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
     }
 }
 
+pub mod pattern;
 pub mod stream;
+pub mod ws;

@@ -6,6 +6,7 @@ mod build;
 mod cmd;
 mod demo;
 mod dockerd;
+mod fuzz;
 mod images;
 mod setup;
 
@@ -38,6 +39,13 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run each cargo-fuzz target of router-agent (HTTP request and response heads, chunked
+    /// bodies) for a bounded time; fails naming the target and the saved input on a crash.
+    Fuzz {
+        /// How long to fuzz each target, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +59,10 @@ fn main() -> anyhow::Result<()> {
         Command::Test { args } => {
             setup::run()?;
             build::test(&args)
+        }
+        Command::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz::run(seconds)
         }
     }
 }

@@ -128,7 +128,7 @@ pub fn parse(
     if !is_valid_host(host) {
         return Err(Reject::BadRequest("invalid Host"));
     }
-    let path = routing_path(target, host)?;
+    let path = routing_path(target, host, method)?;
     let path = range_in(buf, path);
 
     let body = match (facts.transfer_encoding, facts.content_length) {
@@ -281,9 +281,19 @@ fn is_valid_host(host: &[u8]) -> bool {
 
 /// The path used for routing. An absolute-form target must name the same authority as Host
 /// (RFC 9112 section 3.2.2), else two hops would route it differently.
-fn routing_path<'a>(target: &'a [u8], host: &[u8]) -> Result<&'a [u8], Reject> {
-    if target.first() == Some(&b'/') || target == b"*" {
+fn routing_path<'a>(target: &'a [u8], host: &[u8], method: Method) -> Result<&'a [u8], Reject> {
+    if target.first() == Some(&b'/') {
         return Ok(target);
+    }
+    // Asterisk-form belongs to OPTIONS alone (RFC 9112 section 3.2.4).
+    if target == b"*" {
+        return if method == Method::Options {
+            Ok(target)
+        } else {
+            Err(Reject::BadRequest(
+                "asterisk-form target on a method other than OPTIONS",
+            ))
+        };
     }
     let rest = strip_prefix_ignore_case(target, b"http://").ok_or(Reject::BadRequest(
         "request target is neither origin- nor absolute-form",
@@ -550,6 +560,14 @@ mod tests {
     }
 
     #[test]
+    fn asterisk_form_only_for_options() {
+        let raw = b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (head, out) = ok(raw);
+        assert_eq!(&raw[head.path.clone()], b"*");
+        assert!(out.starts_with("OPTIONS * HTTP/1.1\r\n"), "{out}");
+    }
+
+    #[test]
     fn absolute_form() {
         let raw = b"GET http://a.local/x?y HTTP/1.1\r\nHost: a.local\r\n\r\n";
         let (head, out) = ok(raw);
@@ -606,6 +624,7 @@ mod tests {
             (b"G@T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 400),
             (long_target.as_bytes(), 414),
             (long_header.as_bytes(), 431),

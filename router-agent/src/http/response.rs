@@ -136,9 +136,14 @@ fn write_client_head(
     out: &mut Vec<u8>,
 ) {
     out.clear();
-    // The status line as the backend wrote it.
-    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(0) + 1;
-    out.extend_from_slice(&buf[..line_end]);
+    // The status line as the backend wrote it. httparse skips empty lines before it (a stray
+    // CRLF after the previous response on a kept-alive connection); so do we.
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(0);
+    let line_end = start + buf[start..].iter().position(|&b| b == b'\n').unwrap_or(0) + 1;
+    out.extend_from_slice(&buf[start..line_end]);
     let connection_options: Vec<&[u8]> = res
         .headers
         .iter()
@@ -171,6 +176,8 @@ fn write_client_head(
     }
     if head.status == 101 {
         out.extend_from_slice(b"Connection: Upgrade\r\n");
+    } else if head.is_interim() {
+        // The connection's fate is told with the final response.
     } else if head.close_client {
         out.extend_from_slice(b"Connection: close\r\n");
     } else if client.http10 {
@@ -321,6 +328,16 @@ mod tests {
         assert!(out.ends_with("Connection: keep-alive\r\n\r\n"), "{out}");
     }
 
+    /// Found by the `response_head` fuzz target: the empty line used to be copied as the
+    /// status line.
+    #[test]
+    fn leading_empty_lines_are_skipped() {
+        let raw = b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (result, out) = parse_with(raw, &CLIENT);
+        assert_eq!(result.unwrap().unwrap().head_len, raw.len() - 2);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n");
+    }
+
     #[test]
     fn switching_protocols_and_interim() {
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
@@ -339,8 +356,15 @@ mod tests {
             set_sticky: Some("abc"),
             ..CLIENT
         };
-        let (result, out) = parse_with(b"HTTP/1.1 100 Continue\r\n\r\n", &client);
+        let closing = ClientSide {
+            keep_alive: false,
+            ..client
+        };
+        let (result, out) = parse_with(b"HTTP/1.1 100 Continue\r\n\r\n", &closing);
         assert!(result.unwrap().unwrap().is_interim());
-        assert!(!out.contains("Set-Cookie"), "{out}");
+        assert_eq!(
+            out, "HTTP/1.1 100 Continue\r\n\r\n",
+            "no cookie, no Connection on 1xx"
+        );
     }
 }

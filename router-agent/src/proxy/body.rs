@@ -3,8 +3,15 @@
 use std::{io, sync::atomic::AtomicU64};
 
 use bytes::{Buf as _, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
 
+use super::splice::{self, PipePool, SpliceError};
 use crate::{
     http::{
         BodyFraming,
@@ -12,6 +19,48 @@ use crate::{
     },
     metrics::Metrics,
 };
+
+/// A stream end that may be a TCP socket, which splice can use directly.
+pub trait Socket {
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Socket for ReadHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Socket for WriteHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+/// How body bytes may move, and where they are counted.
+pub struct BodyPath<'a> {
+    /// splice(2) runs of at least this many bytes, with pipes from this pool.
+    pub splice: Option<(&'a PipePool, u64)>,
+    pub copied: &'a AtomicU64,
+    pub spliced: &'a AtomicU64,
+}
+
+impl BodyPath<'_> {
+    /// The pipes and the two sockets, when a run of `len` bytes (`None`: until EOF) should be
+    /// spliced.
+    fn splice_pair<'s, R: Socket, W: Socket>(
+        &self,
+        src: &'s R,
+        dst: &'s W,
+        len: Option<u64>,
+    ) -> Option<(&PipePool, &'s TcpStream, &'s TcpStream)> {
+        let (pipes, threshold) = self.splice?;
+        if len.is_some_and(|n| n < threshold) {
+            return None;
+        }
+        Some((pipes, src.tcp()?, dst.tcp()?))
+    }
+}
 
 /// Read size when the buffer runs dry.
 const READ_CHUNK: usize = 64 * 1024;
@@ -35,22 +84,23 @@ impl std::fmt::Display for RelayError {
     }
 }
 
+/// Relays one body; returns whether splice carried any of it.
 pub async fn relay<R, W>(
     framing: BodyFraming,
     src: &mut R,
     buf: &mut BytesMut,
     dst: &mut W,
-    copied: &AtomicU64,
-) -> Result<(), RelayError>
+    path: &BodyPath<'_>,
+) -> Result<bool, RelayError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Socket + Unpin,
+    W: AsyncWrite + Socket + Unpin,
 {
     match framing {
-        BodyFraming::None => Ok(()),
-        BodyFraming::Length(n) => relay_length(n, src, buf, dst, copied).await,
-        BodyFraming::Chunked => relay_chunked(src, buf, dst, copied).await,
-        BodyFraming::UntilClose => relay_until_close(src, buf, dst, copied).await,
+        BodyFraming::None => Ok(false),
+        BodyFraming::Length(n) => relay_length(n, src, buf, dst, path).await,
+        BodyFraming::Chunked => relay_chunked(src, buf, dst, path).await,
+        BodyFraming::UntilClose => relay_until_close(src, buf, dst, path).await,
     }
 }
 
@@ -59,14 +109,20 @@ async fn relay_length<R, W>(
     src: &mut R,
     buf: &mut BytesMut,
     dst: &mut W,
-    copied: &AtomicU64,
-) -> Result<(), RelayError>
+    path: &BodyPath<'_>,
+) -> Result<bool, RelayError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Socket + Unpin,
+    W: AsyncWrite + Socket + Unpin,
 {
+    let copied = path.copied;
     while remaining > 0 {
         if buf.is_empty() {
+            // What is not buffered yet can go straight from socket to socket.
+            if let Some((pipes, from, to)) = path.splice_pair(src, dst, Some(remaining)) {
+                splice::transfer(from, to, Some(remaining), pipes, path.spliced).await?;
+                return Ok(true);
+            }
             fill(src, buf).await?;
         }
         let take = buf
@@ -76,29 +132,40 @@ where
         buf.advance(take);
         remaining -= take as u64;
     }
-    Ok(())
+    Ok(false)
 }
 
+/// Chunk framing is scanned in userspace; the data of large chunks is spliced.
 async fn relay_chunked<R, W>(
     src: &mut R,
     buf: &mut BytesMut,
     dst: &mut W,
-    copied: &AtomicU64,
-) -> Result<(), RelayError>
+    path: &BodyPath<'_>,
+) -> Result<bool, RelayError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Socket + Unpin,
+    W: AsyncWrite + Socket + Unpin,
 {
     let mut scanner = ChunkedScanner::default();
+    let mut spliced = false;
     loop {
         if buf.is_empty() {
+            let data = scanner.data_remaining();
+            if data > 0
+                && let Some((pipes, from, to)) = path.splice_pair(src, dst, Some(data))
+            {
+                splice::transfer(from, to, Some(data), pipes, path.spliced).await?;
+                scanner.skip_data(data);
+                spliced = true;
+                continue;
+            }
             fill(src, buf).await?;
         }
         let body_bytes = scanner.advance(buf).map_err(RelayError::Framing)?;
-        write(dst, &buf[..body_bytes], copied).await?;
+        write(dst, &buf[..body_bytes], path.copied).await?;
         buf.advance(body_bytes);
         if scanner.is_done() {
-            return Ok(());
+            return Ok(spliced);
         }
     }
 }
@@ -107,20 +174,35 @@ async fn relay_until_close<R, W>(
     src: &mut R,
     buf: &mut BytesMut,
     dst: &mut W,
-    copied: &AtomicU64,
-) -> Result<(), RelayError>
+    path: &BodyPath<'_>,
+) -> Result<bool, RelayError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Socket + Unpin,
+    W: AsyncWrite + Socket + Unpin,
 {
+    if !buf.is_empty() {
+        write(dst, buf, path.copied).await?;
+        buf.clear();
+    }
+    if let Some((pipes, from, to)) = path.splice_pair(src, dst, None) {
+        splice::transfer(from, to, None, pipes, path.spliced).await?;
+        return Ok(true);
+    }
     loop {
-        if !buf.is_empty() {
-            write(dst, buf, copied).await?;
-            buf.clear();
-        }
         buf.reserve(READ_CHUNK);
         if src.read_buf(buf).await.map_err(RelayError::Source)? == 0 {
-            return Ok(());
+            return Ok(false);
+        }
+        write(dst, buf, path.copied).await?;
+        buf.clear();
+    }
+}
+
+impl From<SpliceError> for RelayError {
+    fn from(e: SpliceError) -> Self {
+        match e {
+            SpliceError::Source(e) => Self::Source(e),
+            SpliceError::Sink(e) => Self::Sink(e),
         }
     }
 }
@@ -149,15 +231,33 @@ async fn write<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
+    impl Socket for &[u8] {
+        fn tcp(&self) -> Option<&TcpStream> {
+            None
+        }
+    }
+
+    impl Socket for Vec<u8> {
+        fn tcp(&self) -> Option<&TcpStream> {
+            None
+        }
+    }
+
     async fn run(
         framing: BodyFraming,
         buffered: &[u8],
         stream: &[u8],
-    ) -> (Result<(), RelayError>, Vec<u8>, Vec<u8>) {
+    ) -> (Result<bool, RelayError>, Vec<u8>, Vec<u8>) {
         let mut src = stream;
         let mut buf = BytesMut::from(buffered);
         let mut out = Vec::new();
-        let result = relay(framing, &mut src, &mut buf, &mut out, &AtomicU64::new(0)).await;
+        let (copied, spliced) = (AtomicU64::new(0), AtomicU64::new(0));
+        let path = BodyPath {
+            splice: None,
+            copied: &copied,
+            spliced: &spliced,
+        };
+        let result = relay(framing, &mut src, &mut buf, &mut out, &path).await;
         (result, out, buf.to_vec())
     }
 

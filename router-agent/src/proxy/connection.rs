@@ -22,8 +22,9 @@ use tracing::{debug, info};
 
 use super::{
     ProxyContext,
-    body::{self, RelayError},
-    upstream::Upstream,
+    body::{self, BodyPath, RelayError},
+    tunnel,
+    upstream::{self, Reuse, Tried, Upstream},
 };
 use crate::{
     http::{
@@ -32,8 +33,6 @@ use crate::{
         response::{self, ClientSide, ResponseHead},
     },
     metrics::{BackendError, Metrics},
-    registry::Message,
-    table::Backend,
 };
 
 /// Bytes read from a client per read call while waiting for a head.
@@ -55,7 +54,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>)
         buf: BytesMut::with_capacity(HEAD_READ_CHUNK),
         request_head: Vec::with_capacity(1024),
         response_head: Vec::with_capacity(1024),
-        upstream: None,
+        spliced: false,
     };
     if let Err(e) = connection.run().await {
         debug!(%peer, "client connection ended: {e}");
@@ -95,8 +94,9 @@ struct Connection {
     request_head: Vec<u8>,
     /// The head sent to the client, rewritten from the backend's.
     response_head: Vec<u8>,
-    /// The backend connection kept alive from the previous request.
-    upstream: Option<Upstream>,
+    /// Whether splice(2) has touched this connection's socket (it must then never go into the
+    /// sockhash: the two misbehave on one socket).
+    spliced: bool,
 }
 
 impl Connection {
@@ -211,26 +211,14 @@ impl Connection {
 
         let mut tried = Tried::default();
         loop {
-            let selection = match route.select(sticky.get(), tried.as_slice()) {
-                Some(selection) if !tried.is_full() => selection,
-                _ => {
-                    self.answer(503).await;
-                    return Ok(Next::Close);
-                }
+            let Some((selection, mut upstream)) =
+                upstream::connect_next(&route, sticky.get(), &mut tried, &self.ctx, Reuse::Pooled)
+                    .await
+            else {
+                self.answer(503).await;
+                return Ok(Next::Close);
             };
-            if !tried.is_empty() {
-                Metrics::add(&metrics.retries, 1);
-            }
-            tried.push(selection.index);
             let backend = &route.backends[selection.index];
-            let mut upstream = match self.upstream_for(backend).await {
-                Ok(upstream) => upstream,
-                Err(e) => {
-                    metrics.backend_error(BackendError::Connect);
-                    self.report_failure(backend, format!("connect: {e}"));
-                    continue;
-                }
-            };
             backend.stats.requests.fetch_add(1, Ordering::Relaxed);
             let set_sticky =
                 (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
@@ -238,7 +226,7 @@ impl Connection {
                 Attempt::Done { next, keep_backend } => {
                     if keep_backend {
                         upstream.reused = true;
-                        self.upstream = Some(upstream);
+                        self.ctx.pool.put(upstream);
                     }
                     return Ok(next);
                 }
@@ -247,7 +235,7 @@ impl Connection {
                     // A kept-alive connection the backend closed meanwhile says nothing about
                     // the backend's health.
                     if !upstream.reused {
-                        self.report_failure(backend, why);
+                        upstream::report_failure(&self.ctx, backend, why);
                     }
                 }
                 Attempt::Fail { status, kind, why } => {
@@ -259,25 +247,6 @@ impl Connection {
                 Attempt::Abort => return Ok(Next::Close),
             }
         }
-    }
-
-    /// The kept-alive connection if it goes to this backend and is still open, else a new one.
-    async fn upstream_for(&mut self, backend: &Backend) -> io::Result<Upstream> {
-        if let Some(upstream) = self.upstream.take()
-            && upstream.serves(backend)
-            && upstream.is_idle_and_open()
-        {
-            return Ok(upstream);
-        }
-        Upstream::connect(backend, self.ctx.settings.connect_timeout).await
-    }
-
-    fn report_failure(&self, backend: &Backend, error: String) {
-        let _ = self.ctx.registry.send(Message::PassiveFailure {
-            id: backend.container_id.clone(),
-            addr: backend.addr,
-            error,
-        });
     }
 
     /// Sends the request to one backend and relays its response.
@@ -298,12 +267,20 @@ impl Connection {
             http10: head.http10,
             set_sticky,
         };
+        let body_path = BodyPath {
+            splice: self.ctx.splice_threshold().map(|t| (&self.ctx.pipes, t)),
+            copied: &metrics.bytes_copied,
+            spliced: &metrics.bytes_spliced,
+        };
         let exchange = RequestExchange {
             client: &mut self.client,
             client_buf: &mut self.buf,
             upstream,
             response_head: &mut self.response_head,
+            ctx: &self.ctx,
             metrics: &metrics,
+            body_path: &body_path,
+            spliced: &mut self.spliced,
             response_timeout: self.ctx.settings.response_timeout,
         };
         exchange.run(head, &client_side).await
@@ -316,7 +293,11 @@ struct RequestExchange<'a> {
     client_buf: &'a mut BytesMut,
     upstream: &'a mut Upstream,
     response_head: &'a mut Vec<u8>,
+    ctx: &'a ProxyContext,
     metrics: &'a Metrics,
+    body_path: &'a BodyPath<'a>,
+    /// Set when splice moved any body byte on this client connection.
+    spliced: &'a mut bool,
     response_timeout: Duration,
 }
 
@@ -351,7 +332,7 @@ impl RequestExchange<'_> {
                 &mut client_read,
                 self.client_buf,
                 &mut backend_write,
-                &self.metrics.bytes_copied,
+                self.body_path,
             );
             let response = read_response_head(
                 &mut backend_read,
@@ -368,8 +349,12 @@ impl RequestExchange<'_> {
             loop {
                 tokio::select! {
                     result = &mut body, if !body_done => match result {
-                        // A backend that stopped reading (Sink) answers or fails next.
-                        Ok(()) | Err(RelayError::Sink(_)) => body_done = true,
+                        Ok(spliced) => {
+                            *self.spliced |= spliced;
+                            body_done = true;
+                        }
+                        // A backend that stopped reading answers or fails next.
+                        Err(RelayError::Sink(_)) => body_done = true,
                         Err(RelayError::Framing(e)) => break ExchangeOutcome::BadRequestBody(e.0),
                         Err(RelayError::Source(_)) => break ExchangeOutcome::ClientGone,
                     },
@@ -434,7 +419,8 @@ impl RequestExchange<'_> {
 
         if response.status == 101 {
             drop((client_read, client_write, backend_read, backend_write));
-            tunnel(self.client, self.client_buf, self.upstream, self.metrics).await;
+            let path = self.ctx.tunnel_path(*self.spliced);
+            upgrade_to_tunnel(self.client, self.client_buf, self.upstream, path, self.ctx).await;
             return Attempt::Done {
                 next: Next::Close,
                 keep_backend: false,
@@ -445,11 +431,11 @@ impl RequestExchange<'_> {
             &mut backend_read,
             &mut self.upstream.buf,
             &mut client_write,
-            &self.metrics.bytes_copied,
+            self.body_path,
         )
         .await
         {
-            Ok(()) => {}
+            Ok(spliced) => *self.spliced |= spliced,
             Err(e) => {
                 debug!("response body: {e}");
                 return Attempt::Abort;
@@ -539,29 +525,29 @@ where
     }
 }
 
-/// After `101 Switching Protocols`: both sides speak another protocol; move bytes both ways
-/// until either side is done.
-async fn tunnel(
+/// After `101 Switching Protocols`: both sides speak another protocol. What either side sent
+/// along with the handshake (already in our buffers) goes first, through userspace, before the
+/// sockets become a tunnel.
+async fn upgrade_to_tunnel(
     client: &mut TcpStream,
     client_buf: &mut BytesMut,
     upstream: &mut Upstream,
-    metrics: &Metrics,
+    path: tunnel::TunnelPath,
+    ctx: &ProxyContext,
 ) {
-    if !upstream.buf.is_empty() {
-        if client.write_all(&upstream.buf).await.is_err() {
-            return;
+    for (bytes, to) in [
+        (&mut upstream.buf, &mut *client),
+        (client_buf, &mut upstream.stream),
+    ] {
+        if !bytes.is_empty() {
+            if to.write_all(bytes).await.is_err() {
+                return;
+            }
+            Metrics::add(&ctx.metrics.bytes_copied, bytes.len() as u64);
+            bytes.clear();
         }
-        upstream.buf.clear();
     }
-    if !client_buf.is_empty() {
-        if upstream.stream.write_all(client_buf).await.is_err() {
-            return;
-        }
-        client_buf.clear();
-    }
-    if let Ok((up, down)) = tokio::io::copy_bidirectional(client, &mut upstream.stream).await {
-        Metrics::add(&metrics.bytes_copied, up + down);
-    }
+    tunnel::run(client, &mut upstream.stream, path, ctx).await;
 }
 
 /// The `CONTAINERID` cookie value, copied out of the read buffer (container ids are 64 hex
@@ -586,34 +572,5 @@ impl StickyId {
 
     fn get(&self) -> Option<&[u8]> {
         (self.len > 0).then(|| &self.bytes[..self.len])
-    }
-}
-
-/// Backends already tried for one request (a small fixed set: no allocation per request).
-#[derive(Default)]
-struct Tried {
-    indices: [usize; 8],
-    len: usize,
-}
-
-impl Tried {
-    fn push(&mut self, index: usize) {
-        if self.len < self.indices.len() {
-            self.indices[self.len] = index;
-            self.len += 1;
-        }
-    }
-
-    fn as_slice(&self) -> &[usize] {
-        &self.indices[..self.len]
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Enough attempts for one request.
-    fn is_full(&self) -> bool {
-        self.len == self.indices.len()
     }
 }

@@ -4,6 +4,10 @@
 //! `body` moves message bodies by their framing.
 mod body;
 mod connection;
+mod pool;
+mod splice;
+mod tcp_routes;
+mod tunnel;
 mod upstream;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -15,11 +19,17 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+pub use self::{pool::Pool, splice::PipePool, tcp_routes::serve_tcp_routes};
 use crate::{
-    config::ProxySettings,
+    config::{DatapathMode, ProxySettings},
+    ebpf::KernelOffload,
     metrics::Metrics,
     registry::{Message, Published},
 };
+
+/// Bodies (and chunks) at least this large go through splice(2) in `auto` mode; smaller ones are
+/// copied (one read, one write). Measured: see README.md, "Data path".
+pub const SPLICE_THRESHOLD: u64 = 64 * 1024;
 
 /// What every connection task shares.
 pub struct ProxyContext {
@@ -30,6 +40,33 @@ pub struct ProxyContext {
     pub registry: mpsc::UnboundedSender<Message>,
     /// Flips to true when the agent begins shutting down.
     pub shutdown: watch::Receiver<bool>,
+    pub datapath: DatapathMode,
+    /// The kernel side, when it loaded (and the mode allows it).
+    pub offload: Option<Arc<KernelOffload>>,
+    pub pool: Pool,
+    pub pipes: PipePool,
+}
+
+impl ProxyContext {
+    /// The smallest body run that is spliced, or `None` when bodies are always copied.
+    pub fn splice_threshold(&self) -> Option<u64> {
+        match self.datapath {
+            DatapathMode::Auto => Some(SPLICE_THRESHOLD),
+            // Forced: every body byte that is not already buffered goes through splice.
+            DatapathMode::Splice => Some(1),
+            // sockmap mode keeps splice off every socket: the two must never mix on one socket.
+            DatapathMode::Copy | DatapathMode::Sockmap => None,
+        }
+    }
+}
+
+/// Closes pooled connections to backends that left or stopped being up, whenever the routing
+/// table changes.
+pub async fn maintain_pool(ctx: Arc<ProxyContext>) {
+    let mut versions = ctx.published.table_version.subscribe();
+    while versions.changed().await.is_ok() {
+        ctx.pool.retain_up(&ctx.published.table.load());
+    }
 }
 
 /// Binds a listening socket with a deep backlog (bursts of new connections are normal for a

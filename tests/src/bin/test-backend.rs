@@ -17,12 +17,33 @@
 //! | `GET /bytes?n=N[&chunked=1]` | N bytes, byte i = i % 251 |
 //! | `POST\|PUT /echo` | the request body |
 //! | `POST\|PUT /sha256` | `<len> <hex sha256>` of the request body |
-//! | `GET /stats` | `requests=<count>`, this request included |
+//! | `GET /stats` | one `key=<n>` line each, in this order: `requests` (this request included), `tcp_connections`, `tcp_bytes`, `http_connections`, `greeter_bytes`, `resets` |
 //! | `GET /headers` | the request head exactly as received |
+//! | `GET /ws` + WebSocket upgrade | 101, then a frame echo (below); 400 without a valid upgrade |
 //!
 //! Routing looks at the path only: the method matters just for HEAD, which gets the headers of
 //! the matching GET. Design: one std thread per connection, no async runtime, so the code reads
 //! top to bottom and a stuck connection can never stall another one.
+//!
+//! `/ws` (RFC 6455, version 13, no extensions): every text, binary and continuation frame comes
+//! back unmasked with the same opcode, FIN bit and payload, one frame at a time, so fragmented
+//! messages stay fragmented; a ping gets a pong with its payload; a close gets a close with the
+//! same status code, then the server half-closes. A payload over 16 MiB gets close 1009, a
+//! protocol error close 1002. The session has no idle timeout: it lasts until the client ends it.
+//!
+//! Three more listeners speak raw TCP:
+//!
+//! | flag (env) | default | on each connection |
+//! | --- | --- | --- |
+//! | `--tcp-echo` (`BACKEND_TCP_ECHO`) | `0.0.0.0:7000` | sends back every byte it receives, half-closes once the client has half-closed |
+//! | `--tcp-greeter` (`BACKEND_TCP_GREETER`) | `0.0.0.0:7001` | writes `hello\n` and half-closes at once, then reads (and counts) until EOF |
+//! | `--tcp-reset` (`BACKEND_TCP_RESET`) | `0.0.0.0:7002` | waits for one byte (or EOF), then closes with `SO_LINGER` 0: a TCP RST |
+//!
+//! The echo lets tests see a stream through the proxy end to end; the greeter, that a proxy
+//! passes on the server's half-close and still carries the client's bytes afterwards
+//! (`greeter_bytes` in `/stats`); the reset, that a proxy passes on an abortive close (`resets`).
+//! All listeners stop accepting on SIGTERM; open WebSocket and raw TCP sessions count as in
+//! flight, so shutdown waits for them up to its 10 s bound.
 
 use std::{
     fmt::Write as _,
@@ -42,9 +63,19 @@ use std::{
 
 use httparse::Status;
 
-const USAGE: &str =
-    "usage: test-backend [--listen ADDR]   (default 0.0.0.0:80, env BACKEND_LISTEN)";
+const USAGE: &str = "usage: test-backend [--listen ADDR] [--tcp-echo ADDR] [--tcp-greeter ADDR] [--tcp-reset ADDR]
+  --listen ADDR       HTTP (default 0.0.0.0:80, env BACKEND_LISTEN)
+  --tcp-echo ADDR     raw TCP echo (default 0.0.0.0:7000, env BACKEND_TCP_ECHO)
+  --tcp-greeter ADDR  writes hello, half-closes, reads to EOF (default 0.0.0.0:7001, env BACKEND_TCP_GREETER)
+  --tcp-reset ADDR    resets each connection after its first byte (default 0.0.0.0:7002, env BACKEND_TCP_RESET)";
 const DEFAULT_LISTEN: &str = "0.0.0.0:80";
+const DEFAULT_TCP_ECHO: &str = "0.0.0.0:7000";
+const DEFAULT_TCP_GREETER: &str = "0.0.0.0:7001";
+const DEFAULT_TCP_RESET: &str = "0.0.0.0:7002";
+/// What the TCP greeter writes before it half-closes.
+const GREETING: &[u8] = b"hello\n";
+/// Read size of the TCP echo: large, so a bulk transfer takes few system calls.
+const TCP_ECHO_BUFFER: usize = 256 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Limit on a request head, and on a chunked body's trailer section.
 const MAX_HEAD: usize = 64 * 1024;
@@ -75,12 +106,22 @@ const BINARY: &str = "application/octet-stream";
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 /// Requests handled by this process, for `/stats`.
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
-/// Open connections; shutdown waits for this to reach zero.
+/// Connections accepted by the TCP echo listener, for `/stats`.
+static TCP_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+/// Bytes the TCP echo has sent back, for `/stats`.
+static TCP_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Connections accepted by the HTTP listener, for `/stats`.
+static HTTP_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+/// Bytes the TCP greeter has read after its half-close, for `/stats`.
+static GREETER_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Connections the TCP reset listener has closed with a reset, for `/stats`.
+static RESETS: AtomicU64 = AtomicU64::new(0);
+/// Open connections, on both listeners; shutdown waits for this to reach zero.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 fn main() -> ExitCode {
-    let addr = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(addr)) => addr,
+    let config = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(config)) => config,
         Ok(None) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -94,43 +135,114 @@ fn main() -> ExitCode {
         eprintln!("test-backend: installing signal handlers: {e}");
         return ExitCode::FAILURE;
     }
-    let listener = match bind(&addr) {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("test-backend: listening on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
+    let bind_or_report =
+        |addr: &str| bind(addr).map_err(|e| eprintln!("test-backend: listening on {addr}: {e}"));
+    let (Ok(listener), Ok(echo_listener), Ok(greeter_listener), Ok(reset_listener)) = (
+        bind_or_report(&config.listen),
+        bind_or_report(&config.tcp_echo),
+        bind_or_report(&config.tcp_greeter),
+        bind_or_report(&config.tcp_reset),
+    ) else {
+        return ExitCode::FAILURE;
     };
     // Leaked once: every connection thread borrows the name for the life of the process.
     let name: &'static str = Box::leak(identity().into_boxed_str());
-    let local = listener.local_addr().map_or(addr, |a| a.to_string());
-    println!("test-backend listening on {local}");
+    let local_of = |listener: &TcpListener, configured: &str| {
+        listener
+            .local_addr()
+            .map_or_else(|_| configured.to_owned(), |a| a.to_string())
+    };
+    println!(
+        "test-backend listening on {}",
+        local_of(&listener, &config.listen)
+    );
+    let raw: [RawListener; 3] = [
+        ("tcp echo", echo_listener, spawn_tcp_echo),
+        ("tcp greeter", greeter_listener, spawn_tcp_greeter),
+        ("tcp reset", reset_listener, spawn_tcp_reset),
+    ];
+    let configured = [&config.tcp_echo, &config.tcp_greeter, &config.tcp_reset];
+    for ((kind, raw_listener, _), configured) in raw.iter().zip(configured) {
+        println!(
+            "test-backend {kind} on {}",
+            local_of(raw_listener, configured)
+        );
+    }
 
-    accept_loop(&listener, name);
+    // Each raw TCP listener gets its own accept thread; they see `SHUTDOWN` as soon as this one.
+    let raw_accepts = raw.map(|(kind, raw_listener, on_accept)| {
+        let spawned = thread::Builder::new()
+            .name(format!("{}-accept", kind.replace(' ', "-")))
+            .spawn(move || accept_loop(&raw_listener, on_accept));
+        (kind, spawned)
+    });
+    accept_loop(&listener, |stream| spawn_connection(stream, name));
     drop(listener);
+    for (kind, spawned) in raw_accepts {
+        match spawned {
+            Ok(handle) => {
+                let _ = handle.join();
+            }
+            Err(e) => eprintln!("test-backend: spawning the {kind} accept thread: {e}"),
+        }
+    }
     println!("test-backend draining");
     drain();
     println!("test-backend exit");
     ExitCode::SUCCESS
 }
 
-/// `Ok(None)` asks for the usage text. The flag wins over `BACKEND_LISTEN`, which wins over the
-/// default.
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<String>, String> {
+/// A raw TCP listener: its name in messages, the socket and what to do with each connection.
+type RawListener = (&'static str, TcpListener, fn(TcpStream));
+
+/// What the command line (or the environment) asks for.
+#[derive(Debug)]
+struct Config {
+    /// HTTP listen address.
+    listen: String,
+    /// Raw TCP echo listen address.
+    tcp_echo: String,
+    /// Raw TCP greeter listen address.
+    tcp_greeter: String,
+    /// Raw TCP reset listen address.
+    tcp_reset: String,
+}
+
+/// `Ok(None)` asks for the usage text. A flag (`--flag ADDR` or `--flag=ADDR`) wins over its
+/// environment variable, which wins over the default.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Config>, String> {
     let mut listen = None;
+    let mut tcp_echo = None;
+    let mut tcp_greeter = None;
+    let mut tcp_reset = None;
     while let Some(arg) = args.next() {
-        match arg.as_str() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_owned())),
+            None => (arg.as_str(), None),
+        };
+        let slot = match flag {
             "-h" | "--help" => return Ok(None),
-            "--listen" => listen = Some(args.next().ok_or("--listen needs an address")?),
-            _ => match arg.strip_prefix("--listen=") {
-                Some(addr) => listen = Some(addr.to_owned()),
-                None => return Err(format!("unknown argument {arg:?}")),
-            },
-        }
+            "--listen" => &mut listen,
+            "--tcp-echo" => &mut tcp_echo,
+            "--tcp-greeter" => &mut tcp_greeter,
+            "--tcp-reset" => &mut tcp_reset,
+            _ => return Err(format!("unknown argument {arg:?}")),
+        };
+        let value = match inline {
+            Some(value) => value,
+            None => args.next().ok_or(format!("{flag} needs an address"))?,
+        };
+        *slot = Some(value);
     }
-    Ok(Some(listen.unwrap_or_else(|| {
-        std::env::var("BACKEND_LISTEN").unwrap_or_else(|_| DEFAULT_LISTEN.to_owned())
-    })))
+    let env_or =
+        |var: &str, default: &str| std::env::var(var).unwrap_or_else(|_| default.to_owned());
+    Ok(Some(Config {
+        listen: listen.unwrap_or_else(|| env_or("BACKEND_LISTEN", DEFAULT_LISTEN)),
+        tcp_echo: tcp_echo.unwrap_or_else(|| env_or("BACKEND_TCP_ECHO", DEFAULT_TCP_ECHO)),
+        tcp_greeter: tcp_greeter
+            .unwrap_or_else(|| env_or("BACKEND_TCP_GREETER", DEFAULT_TCP_GREETER)),
+        tcp_reset: tcp_reset.unwrap_or_else(|| env_or("BACKEND_TCP_RESET", DEFAULT_TCP_RESET)),
+    }))
 }
 
 fn bind(addr: &str) -> io::Result<TcpListener> {
@@ -176,11 +288,11 @@ fn install_signal_handlers() -> io::Result<()> {
     Ok(())
 }
 
-/// Accepts connections until a signal sets `SHUTDOWN`.
-fn accept_loop(listener: &TcpListener, name: &'static str) {
+/// Accepts connections until a signal sets `SHUTDOWN`, handing each to `on_accept`.
+fn accept_loop(listener: &TcpListener, mut on_accept: impl FnMut(TcpStream)) {
     while !SHUTDOWN.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((stream, _)) => spawn_connection(stream, name),
+            Ok((stream, _)) => on_accept(stream),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(listener),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -206,17 +318,127 @@ fn wait_readable(listener: &TcpListener) {
 }
 
 fn spawn_connection(stream: TcpStream, name: &'static str) {
+    HTTP_CONNECTIONS.fetch_add(1, Ordering::SeqCst);
+    spawn_counted("connection", move || serve_connection(stream, name));
+}
+
+fn spawn_tcp_echo(stream: TcpStream) {
+    TCP_CONNECTIONS.fetch_add(1, Ordering::SeqCst);
+    spawn_counted("tcp-echo", move || {
+        // Any error (a reset, a peer that stopped reading) just ends the session: nothing to tell.
+        let _ = tcp_echo(stream);
+    });
+}
+
+fn spawn_tcp_greeter(stream: TcpStream) {
+    spawn_counted("tcp-greeter", move || {
+        // As with the echo, an error just ends the session.
+        let _ = tcp_greeter(stream);
+    });
+}
+
+fn spawn_tcp_reset(stream: TcpStream) {
+    spawn_counted("tcp-reset", move || {
+        if let Err(e) = tcp_reset(stream) {
+            // Loudly: the close that follows is an orderly FIN, not the reset a test expects.
+            eprintln!("test-backend: tcp reset: {e}");
+        }
+    });
+}
+
+/// Runs `serve` on a thread of its own, counted in `ACTIVE` while it runs.
+fn spawn_counted(kind: &str, serve: impl FnOnce() + Send + 'static) {
     // Counted before the thread starts, so that a shutdown right now still waits for it.
     let guard = ActiveGuard::new();
-    let spawned = thread::Builder::new()
-        .name("connection".to_owned())
-        .spawn(move || {
-            let _guard = guard;
-            serve_connection(stream, name);
-        });
+    let spawned = thread::Builder::new().name(kind.to_owned()).spawn(move || {
+        let _guard = guard;
+        serve();
+    });
     if let Err(e) = spawned {
-        eprintln!("test-backend: spawning a connection thread: {e}");
+        eprintln!("test-backend: spawning a {kind} thread: {e}");
     }
+}
+
+/// Sends back every byte received until the peer half-closes, then half-closes as well. Blocking
+/// reads without a timeout: a raw stream has no idle point where closing would be polite, so
+/// the session lasts as long as the client wants (shutdown's drain bounds it at SIGTERM).
+fn tcp_echo(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    // Echoes of small writes go out at once instead of waiting on the peer's delayed ACK.
+    stream.set_nodelay(true)?;
+    // A client that sends without reading would fill both socket buffers and block us forever.
+    stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
+    let mut buf = vec![0u8; TCP_ECHO_BUFFER];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        stream.write_all(&buf[..n])?;
+        TCP_BYTES.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    // The peer sends nothing more, so closing after this cannot turn into a reset.
+    stream.shutdown(Shutdown::Write)
+}
+
+/// Writes `GREETING`, half-closes at once, then reads (and counts in `GREETER_BYTES`) until the
+/// peer half-closes too; dropping the stream then closes it. The server's FIN goes out before the
+/// client has sent anything, so a proxy in between must keep the client-to-server direction open
+/// after passing that FIN on. Blocking reads without a timeout, as in `tcp_echo`.
+fn tcp_greeter(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.write_all(GREETING)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut buf = vec![0u8; TCP_ECHO_BUFFER];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                GREETER_BYTES.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Waits until at least one byte arrives (or EOF), then closes abortively: with `SO_LINGER` set to
+/// on and 0 s, `close()` discards the socket at once and sends a RST instead of a FIN. Counted in
+/// `RESETS` before the close, so a client that has seen the reset also sees the count.
+fn tcp_reset(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let mut buf = [0u8; 1];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The peer is gone already (e.g. it reset first): nothing left to reset.
+            Err(_) => return Ok(()),
+        }
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `stream` keeps the fd open for the whole call; the option value points at a live,
+    // initialised `libc::linger` on the stack, and the length passed is exactly its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast::<libc::c_void>(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    RESETS.fetch_add(1, Ordering::SeqCst);
+    drop(stream);
+    Ok(())
 }
 
 /// Waits (up to `DRAIN_TIMEOUT`) for the connection threads. They close idle connections within
@@ -293,6 +515,8 @@ struct Request {
     framing: Framing,
     keep_alive: bool,
     expect_continue: bool,
+    /// `Sec-WebSocket-Key` when the head is a valid WebSocket opening handshake.
+    websocket_key: Option<String>,
 }
 
 impl Request {
@@ -330,6 +554,9 @@ impl Request {
             } else {
                 !has_token(&connection, "close")
             };
+        // A body would come before the frames, with nothing to say where it ends for us.
+        let websocket_key =
+            websocket_key(parsed, &connection).filter(|_| framing == Framing::Empty);
         Ok(Self {
             method,
             path: path.to_owned(),
@@ -339,8 +566,42 @@ impl Request {
             framing,
             keep_alive,
             expect_continue,
+            websocket_key,
         })
     }
+
+    fn is_websocket(&self) -> bool {
+        self.path == "/ws" && self.websocket_key.is_some()
+    }
+}
+
+/// The key of a WebSocket opening handshake (RFC 6455 §4.2.1), `None` if anything is missing.
+fn websocket_key(parsed: &httparse::Request<'_, '_>, connection: &str) -> Option<String> {
+    let upgrade = header_list(parsed, "upgrade");
+    let version = header_list(parsed, "sec-websocket-version");
+    let key = header_list(parsed, "sec-websocket-key");
+    let key = key.trim();
+    let valid = parsed.method == Some("GET")
+        && parsed.version == Some(1)
+        && has_token(connection, "upgrade")
+        && has_token(&upgrade, "websocket")
+        && version.trim() == "13"
+        // Repeated keys would show up joined by a comma, which base64 never contains.
+        && !key.is_empty()
+        && !key.contains(',');
+    valid.then(|| key.to_owned())
+}
+
+/// All values of the header `name`, joined by commas; values that are not UTF-8 are skipped.
+fn header_list(parsed: &httparse::Request<'_, '_>, name: &str) -> String {
+    let mut list = String::new();
+    for header in parsed.headers.iter() {
+        if header.name.eq_ignore_ascii_case(name) {
+            // Only used for WebSocket headers, where a bad value just means "no upgrade".
+            let _ = append_list(&mut list, header.value);
+        }
+    }
+    list
 }
 
 /// Joins repeated list headers (`Connection`, `Transfer-Encoding`) into one comma list.
@@ -686,6 +947,10 @@ impl Conn {
     fn run(&mut self) {
         loop {
             let outcome = match self.input.read_request() {
+                Ok(Some(request)) if request.is_websocket() => {
+                    let key = request.websocket_key.unwrap_or_default();
+                    return self.websocket(&key);
+                }
                 Ok(Some(request)) => self.respond(&request),
                 Ok(None) => return,
                 Err(abort) => Err(abort),
@@ -725,9 +990,12 @@ impl Conn {
             "/set-health" => set_health(query),
             "/delay" => delay(query, self.name),
             "/bytes" => bytes(query),
-            "/stats" => Response::text(
-                200,
-                format!("requests={}\n", REQUESTS.load(Ordering::SeqCst)),
+            "/stats" => stats(),
+            // A valid upgrade never gets here (see `Conn::run`).
+            "/ws" => Response::text(
+                400,
+                "/ws needs a WebSocket upgrade: GET, Upgrade: websocket, Connection: upgrade, \
+                 Sec-WebSocket-Version: 13, Sec-WebSocket-Key\n",
             ),
             "/headers" => Response {
                 status: 200,
@@ -864,6 +1132,120 @@ impl Conn {
             }
         }
     }
+
+    /// Accepts a WebSocket upgrade and echoes frames until the session ends.
+    fn websocket(&mut self, key: &str) {
+        REQUESTS.fetch_add(1, Ordering::SeqCst);
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\nX-Backend: {}\r\n\r\n",
+            websocket::accept_key(key),
+            self.name
+        );
+        // From now on the client talks when it likes: reads block without the poll interval, so
+        // neither the idle timeout nor a shutdown ends the session (the drain bound does).
+        if self.out.write_all(head.as_bytes()).is_err()
+            || self.input.stream.set_read_timeout(None).is_err()
+        {
+            return;
+        }
+        match self.echo_frames() {
+            Ok(()) => {
+                let _ = self.out.shutdown(Shutdown::Write);
+            }
+            Err(Abort::Drop) => {}
+            Err(Abort::Reject(code, why)) => {
+                let close = websocket::close_payload(code, &why);
+                if self.write_frame(true, websocket::CLOSE, &close).is_ok()
+                    && self
+                        .input
+                        .stream
+                        .set_read_timeout(Some(POLL_INTERVAL))
+                        .is_ok()
+                {
+                    // The client may still be sending the frame we refused.
+                    self.linger_close();
+                }
+            }
+        }
+    }
+
+    /// Echoes frames until the close handshake is done or the peer half-closes (`Ok`), the
+    /// socket fails (`Abort::Drop`), or the client breaks the protocol (`Abort::Reject` with
+    /// the close code to send).
+    fn echo_frames(&mut self) -> Result<(), Abort> {
+        // Inside a fragmented message only continuations (and control frames) may come, and
+        // outside one no continuation may (RFC 6455 §5.4).
+        let mut fragmented = false;
+        while let Some(frame) = self.read_frame()? {
+            match frame.opcode {
+                websocket::PING => self.write_frame(true, websocket::PONG, &frame.payload)?,
+                websocket::PONG => {}
+                websocket::CLOSE => {
+                    // The status code, if any, goes back; the reason text does not matter.
+                    let code = frame.payload.get(..2).unwrap_or_default();
+                    self.write_frame(true, websocket::CLOSE, code)?;
+                    return Ok(());
+                }
+                opcode => {
+                    if (opcode == websocket::CONTINUATION) != fragmented {
+                        return Err(websocket::protocol_error("unexpected continuation state"));
+                    }
+                    fragmented = !frame.fin;
+                    self.write_frame(frame.fin, opcode, &frame.payload)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next client frame, unmasked; `None` once the peer has half-closed. Bytes that came
+    /// with the upgrade request are already in `input.buf` and are read first.
+    fn read_frame(&mut self) -> Result<Option<websocket::Frame>, Abort> {
+        let header = loop {
+            if let Some(header) = websocket::parse_header(&self.input.buf)? {
+                break header;
+            }
+            if !self.input.fill(false)? {
+                return Ok(None);
+            }
+        };
+        let end = header.size + header.len;
+        while self.input.buf.len() < end {
+            if !self.input.fill(false)? {
+                return Ok(None);
+            }
+        }
+        let mut payload = self.input.buf[header.size..end].to_vec();
+        self.input.buf.drain(..end);
+        websocket::unmask(&mut payload, header.mask);
+        Ok(Some(websocket::Frame {
+            fin: header.fin,
+            opcode: header.opcode,
+            payload,
+        }))
+    }
+
+    fn write_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        self.out.write_all(&websocket::encode(fin, opcode, payload))
+    }
+}
+
+fn stats() -> Response {
+    // `requests=` stays the first line, so a reader of the original one-line body still works.
+    Response::text(
+        200,
+        format!(
+            "requests={}\ntcp_connections={}\ntcp_bytes={}\n\
+             http_connections={}\ngreeter_bytes={}\nresets={}\n",
+            REQUESTS.load(Ordering::SeqCst),
+            TCP_CONNECTIONS.load(Ordering::SeqCst),
+            TCP_BYTES.load(Ordering::SeqCst),
+            HTTP_CONNECTIONS.load(Ordering::SeqCst),
+            GREETER_BYTES.load(Ordering::SeqCst),
+            RESETS.load(Ordering::SeqCst),
+        ),
+    )
 }
 
 fn greeting(name: &str) -> Response {
@@ -1151,8 +1533,330 @@ mod sha256 {
     }
 }
 
+/// RFC 6455 framing, without I/O; `Conn::websocket` does the reading and writing.
+mod websocket {
+    use super::{Abort, base64, sha1};
+
+    /// Appended to the client's key before hashing (RFC 6455 §1.3).
+    const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    /// Largest payload echoed; a frame announcing more is refused before it is read.
+    const MAX_PAYLOAD: u64 = 16 * 1024 * 1024;
+
+    pub const CONTINUATION: u8 = 0x0;
+    const TEXT: u8 = 0x1;
+    const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xa;
+
+    const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+    const CLOSE_TOO_BIG: u16 = 1009;
+    /// A close frame is a control frame: 125 bytes at most, 2 of them the code.
+    const MAX_CLOSE_REASON: usize = 123;
+
+    /// The `Sec-WebSocket-Accept` value that proves the server read `key`.
+    pub fn accept_key(key: &str) -> String {
+        base64::encode(&sha1::digest(format!("{key}{GUID}").as_bytes()))
+    }
+
+    pub struct Header {
+        pub fin: bool,
+        pub opcode: u8,
+        pub mask: [u8; 4],
+        /// Payload length, at most `MAX_PAYLOAD`.
+        pub len: usize,
+        /// Length of the header itself.
+        pub size: usize,
+    }
+
+    pub struct Frame {
+        pub fin: bool,
+        pub opcode: u8,
+        pub payload: Vec<u8>,
+    }
+
+    pub fn protocol_error(why: &str) -> Abort {
+        Abort::Reject(CLOSE_PROTOCOL_ERROR, why.to_owned())
+    }
+
+    /// Parses the frame header at the front of `buf`; `None` while it is incomplete. Everything
+    /// a server must refuse is refused here, before the payload is read.
+    pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, Abort> {
+        let [b0, b1, ..] = *buf else {
+            return Ok(None);
+        };
+        let fin = b0 & 0x80 != 0;
+        let opcode = b0 & 0x0f;
+        // RSV1-3 mean an extension, and the handshake agreed to none.
+        if b0 & 0x70 != 0 {
+            return Err(protocol_error("reserved bits set"));
+        }
+        if !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
+            return Err(protocol_error("unknown opcode"));
+        }
+        // Clients must mask (RFC 6455 §5.1), so that a proxy never sees attacker-chosen bytes.
+        if b1 & 0x80 == 0 {
+            return Err(protocol_error("client frame not masked"));
+        }
+        let (len, size) = match b1 & 0x7f {
+            126 => match be_bytes::<2>(buf, 2) {
+                Some(b) => (u64::from(u16::from_be_bytes(b)), 4),
+                None => return Ok(None),
+            },
+            127 => match be_bytes::<8>(buf, 2) {
+                Some(b) => (u64::from_be_bytes(b), 10),
+                None => return Ok(None),
+            },
+            n => (u64::from(n), 2),
+        };
+        let control = opcode & 0x08 != 0;
+        if control && (!fin || len > 125) {
+            return Err(protocol_error("fragmented or oversized control frame"));
+        }
+        if len > MAX_PAYLOAD {
+            return Err(Abort::Reject(CLOSE_TOO_BIG, "frame over 16 MiB".to_owned()));
+        }
+        let Some(mask) = be_bytes::<4>(buf, size) else {
+            return Ok(None);
+        };
+        Ok(Some(Header {
+            fin,
+            opcode,
+            mask,
+            len: len as usize,
+            size: size + 4,
+        }))
+    }
+
+    /// `N` bytes of `buf` from `at`, if they have arrived.
+    fn be_bytes<const N: usize>(buf: &[u8], at: usize) -> Option<[u8; N]> {
+        buf.get(at..)?.first_chunk::<N>().copied()
+    }
+
+    pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+        for (byte, key) in payload.iter_mut().zip(mask.iter().cycle()) {
+            *byte ^= key;
+        }
+    }
+
+    /// A server frame: never masked, with the shortest length encoding.
+    pub fn encode(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(payload.len() + 10);
+        frame.push((u8::from(fin) << 7) | opcode);
+        match payload.len() {
+            n @ 0..=125 => frame.push(n as u8),
+            n @ 126..=0xffff => {
+                frame.push(126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend(reason.bytes().take(MAX_CLOSE_REASON));
+        payload
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The example of RFC 6455 §1.3.
+        #[test]
+        fn rfc6455_accept_key() {
+            assert_eq!(
+                accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+                "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+            );
+        }
+
+        #[test]
+        fn length_encodings_round_trip() {
+            for len in [0, 125, 126, 0xffff, 0x1_0000] {
+                let mut frame = encode(true, BINARY, &vec![7; len]);
+                // Turn the server frame into a client one: set the mask bit, insert a zero mask.
+                frame[1] |= 0x80;
+                let size = frame.len() - len;
+                frame.splice(size..size, [0; 4]);
+                let header = parse_header(&frame).ok().flatten().unwrap();
+                assert_eq!((header.fin, header.opcode), (true, BINARY));
+                assert_eq!((header.len, header.size), (len, size + 4));
+                assert!(parse_header(&frame[..size + 3]).ok().unwrap().is_none());
+            }
+        }
+
+        #[test]
+        fn refuses_what_a_server_must_refuse() {
+            let code = |header: &[u8]| match parse_header(header) {
+                Err(Abort::Reject(code, _)) => Some(code),
+                _ => None,
+            };
+            assert_eq!(code(&[0x81, 0x05]), Some(1002), "unmasked");
+            assert_eq!(code(&[0xc1, 0x85]), Some(1002), "RSV1");
+            assert_eq!(code(&[0x83, 0x85]), Some(1002), "opcode 3");
+            assert_eq!(code(&[0x09, 0x80]), Some(1002), "fragmented ping");
+            assert_eq!(code(&[0x89, 0xfe, 0, 126]), Some(1002), "126-byte ping");
+            let too_big = (MAX_PAYLOAD + 1).to_be_bytes();
+            assert_eq!(
+                code(&[[0x82, 0xff].as_slice(), &too_big].concat()),
+                Some(1009)
+            );
+        }
+    }
+}
+
+/// SHA-1 (FIPS 180-4), one-shot: only the WebSocket handshake needs it, on a short input.
+/// Broken for collision resistance, which the handshake does not rely on.
+mod sha1 {
+    const INITIAL_STATE: [u32; 5] = [
+        0x6745_2301,
+        0xefcd_ab89,
+        0x98ba_dcfe,
+        0x1032_5476,
+        0xc3d2_e1f0,
+    ];
+
+    pub fn digest(data: &[u8]) -> [u8; 20] {
+        // Padding: 0x80, zeros up to 56 mod 64, then the length in bits, big-endian.
+        let mut message = data.to_vec();
+        message.push(0x80);
+        message.resize((data.len() + 9).next_multiple_of(64), 0);
+        let at = message.len() - 8;
+        message[at..].copy_from_slice(&(data.len() as u64).wrapping_mul(8).to_be_bytes());
+
+        let mut state = INITIAL_STATE;
+        for block in message.chunks_exact(64) {
+            compress(&mut state, block);
+        }
+        let mut digest = [0u8; 20];
+        for (out, word) in digest.chunks_exact_mut(4).zip(state) {
+            out.copy_from_slice(&word.to_be_bytes());
+        }
+        digest
+    }
+
+    fn compress(state: &mut [u32; 5], block: &[u8]) {
+        let mut w = [0u32; 80];
+        for (word, bytes) in w.iter_mut().zip(block.chunks_exact(4)) {
+            *word = u32::from_be_bytes(bytes.try_into().expect("chunks of 4"));
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        // v = [a, b, c, d, e]
+        let mut v = *state;
+        for (round, w) in w.iter().enumerate() {
+            // The round function and constant change every 20 rounds.
+            let (mix, constant) = match round / 20 {
+                0 => ((v[1] & v[2]) | (!v[1] & v[3]), 0x5a82_7999),
+                1 => (v[1] ^ v[2] ^ v[3], 0x6ed9_eba1),
+                2 => ((v[1] & v[2]) | (v[1] & v[3]) | (v[2] & v[3]), 0x8f1b_bcdc),
+                _ => (v[1] ^ v[2] ^ v[3], 0xca62_c1d6),
+            };
+            let temp = v[0]
+                .rotate_left(5)
+                .wrapping_add(mix)
+                .wrapping_add(v[4])
+                .wrapping_add(constant)
+                .wrapping_add(*w);
+            // Every variable moves down one slot (e = d, …, b = a); a is new, c = b rotated.
+            v.rotate_right(1);
+            v[0] = temp;
+            v[2] = v[2].rotate_left(30);
+        }
+        for (s, x) in state.iter_mut().zip(v) {
+            *s = s.wrapping_add(x);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::digest;
+        use crate::sha256::hex;
+
+        #[test]
+        fn known_digests() {
+            assert_eq!(
+                hex(&digest(b"abc")),
+                "a9993e364706816aba3e25717850c26c9cd0d89d"
+            );
+            assert_eq!(
+                hex(&digest(b"")),
+                "da39a3ee5e6b4b0d3255bfef95601890afd80709"
+            );
+            // Two blocks of padding: the 56-byte message leaves no room for the length.
+            assert_eq!(
+                hex(&digest(
+                    b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+                )),
+                "84983e441c3bd26ebaae4aa1f95129e5e54670f1"
+            );
+            assert_eq!(
+                hex(&digest(&vec![b'a'; 1_000_000])),
+                "34aa973cd4c4daa4f61eeb2bdbad27316534016f"
+            );
+        }
+    }
+}
+
+/// Base64 encoding (RFC 4648 §4, standard alphabet, padded), for `Sec-WebSocket-Accept`.
+mod base64 {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(data: &[u8]) -> String {
+        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+        for group in data.chunks(3) {
+            let mut bytes = [0u8; 3];
+            bytes[..group.len()].copy_from_slice(group);
+            let bits = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]);
+            // A group of n bytes fills n + 1 sextets; '=' pads the rest of the four.
+            for i in 0..4 {
+                if i <= group.len() {
+                    let sextet = (bits >> (18 - 6 * i)) & 0x3f;
+                    out.push(char::from(ALPHABET[sextet as usize]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::encode;
+
+        #[test]
+        fn rfc4648_vectors() {
+            for (input, expected) in [
+                ("", ""),
+                ("f", "Zg=="),
+                ("fo", "Zm8="),
+                ("foo", "Zm9v"),
+                ("foob", "Zm9vYg=="),
+                ("fooba", "Zm9vYmE="),
+                ("foobar", "Zm9vYmFy"),
+            ] {
+                assert_eq!(encode(input.as_bytes()), expected);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::{Mutex, MutexGuard, PoisonError},
+    };
+
     use super::*;
 
     /// `exchange_bytes`, read as text.
@@ -1269,5 +1973,335 @@ mod tests {
         let reply = exchange(b"GET /delay?ms=x HTTP/1.1\r\n\r\nGET /delay?ms=1 HTTP/1.1\r\n\r\n");
         assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(reply.ends_with("backend=unit\n"));
+    }
+
+    /// Addresses of the listeners `start_server` runs.
+    struct Servers {
+        http: SocketAddr,
+        echo: SocketAddr,
+        greeter: SocketAddr,
+        reset: SocketAddr,
+    }
+
+    /// All listeners on loopback ports, served by the real accept loops until the process ends.
+    fn start_server() -> Servers {
+        let http = bind("127.0.0.1:0").unwrap();
+        let raw: [(TcpListener, fn(TcpStream)); 3] = [
+            (bind("127.0.0.1:0").unwrap(), spawn_tcp_echo),
+            (bind("127.0.0.1:0").unwrap(), spawn_tcp_greeter),
+            (bind("127.0.0.1:0").unwrap(), spawn_tcp_reset),
+        ];
+        let [echo, greeter, reset] = raw.each_ref().map(|(l, _)| l.local_addr().unwrap());
+        let servers = Servers {
+            http: http.local_addr().unwrap(),
+            echo,
+            greeter,
+            reset,
+        };
+        thread::spawn(move || accept_loop(&http, |stream| spawn_connection(stream, "unit")));
+        for (listener, on_accept) in raw {
+            thread::spawn(move || accept_loop(&listener, on_accept));
+        }
+        servers
+    }
+
+    /// Held by every test that connects to a `start_server` HTTP listener, so that the test of
+    /// `HTTP_CONNECTIONS` (a process-wide counter) sees no other test's connections.
+    fn http_counter_lock() -> MutexGuard<'static, ()> {
+        static LOCK: Mutex<()> = Mutex::new(());
+        LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Polls `counter` until it reaches `target` or 5 s pass; returns its last value.
+    fn wait_for_counter(counter: &AtomicU64, target: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let value = counter.load(Ordering::SeqCst);
+            if value >= target || Instant::now() > deadline {
+                return value;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The `/stats` body as (key, value) pairs, in order.
+    fn stats_lines(body: &str) -> Vec<(&str, u64)> {
+        body.lines()
+            .map(|line| {
+                let (key, value) = line.split_once('=').unwrap();
+                (key, value.parse().unwrap())
+            })
+            .collect()
+    }
+
+    const WS_UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\n\
+        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    /// A client frame: masked, as RFC 6455 requires.
+    fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = websocket::encode(b0 & 0x80 != 0, b0 & 0x0f, &[]);
+        frame.truncate(1);
+        match payload.len() {
+            n @ 0..=125 => frame.push(0x80 | n as u8),
+            n @ 126..=0xffff => {
+                frame.push(0x80 | 0x7e);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 0x7f);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        let mut masked = payload.to_vec();
+        websocket::unmask(&mut masked, mask);
+        frame.extend_from_slice(&masked);
+        frame
+    }
+
+    /// Reads exactly `n` more bytes.
+    fn read_n(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        stream.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    /// Reads one server frame: (first byte, payload). Server frames must not be masked.
+    fn server_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+        let head = read_n(stream, 2);
+        assert_eq!(head[1] & 0x80, 0, "server frame masked");
+        let len = match head[1] {
+            126 => u64::from(u16::from_be_bytes(read_n(stream, 2).try_into().unwrap())),
+            127 => u64::from_be_bytes(read_n(stream, 8).try_into().unwrap()),
+            n => u64::from(n),
+        };
+        (head[0], read_n(stream, len as usize))
+    }
+
+    /// Reads the response head, byte by byte so that no frame byte is taken with it.
+    fn response_head_of(stream: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.extend(read_n(stream, 1));
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    #[test]
+    fn websocket_echo_over_loopback() {
+        let _lock = http_counter_lock();
+        let Servers { http, .. } = start_server();
+        let mut client = TcpStream::connect(http).unwrap();
+        // The first frame rides in the same write as the upgrade: it must not be lost.
+        let text = b"0123456789";
+        client
+            .write_all(&[WS_UPGRADE, &client_frame(0x81, text)].concat())
+            .unwrap();
+        let head = response_head_of(&mut client);
+        assert!(
+            head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(head.contains("Upgrade: websocket\r\n"));
+        assert!(head.contains("Connection: Upgrade\r\n"));
+        assert!(head.contains("X-Backend: unit\r\n"));
+
+        let binary: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        let mut frames = client_frame(0x82, &binary);
+        frames.extend(client_frame(0x89, b"are you there"));
+        client.write_all(&frames).unwrap();
+        assert_eq!(server_frame(&mut client), (0x81, text.to_vec()));
+        assert_eq!(server_frame(&mut client), (0x82, binary));
+        assert_eq!(server_frame(&mut client), (0x8a, b"are you there".to_vec()));
+
+        // A fragmented message comes back fragmented, a ping in between answered in place.
+        let mut frames = client_frame(0x01, b"frag");
+        frames.extend(client_frame(0x89, b""));
+        frames.extend(client_frame(0x80, b"ment"));
+        frames.extend(client_frame(0x88, &[0x03, 0xe8, b'b', b'y', b'e']));
+        client.write_all(&frames).unwrap();
+        assert_eq!(server_frame(&mut client), (0x01, b"frag".to_vec()));
+        assert_eq!(server_frame(&mut client), (0x8a, Vec::new()));
+        assert_eq!(server_frame(&mut client), (0x80, b"ment".to_vec()));
+        assert_eq!(server_frame(&mut client), (0x88, vec![0x03, 0xe8]));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "bytes after the close frame: {rest:?}");
+    }
+
+    #[test]
+    fn websocket_half_close_and_refusals() {
+        // EOF without a close frame: the echo, then the server half-closes too.
+        let reply = exchange_bytes(&[WS_UPGRADE, &client_frame(0x82, b"xyz")].concat());
+        assert!(reply.starts_with(b"HTTP/1.1 101 "));
+        assert!(reply.ends_with(b"\r\n\r\n\x82\x03xyz"));
+
+        // A frame announcing more than 16 MiB is refused before its payload arrives.
+        let mut oversized = WS_UPGRADE.to_vec();
+        oversized.extend([0x82, 0xff]);
+        oversized.extend((16u64 * 1024 * 1024 + 1).to_be_bytes());
+        oversized.extend([0; 4]);
+        let reply = exchange_bytes(&oversized);
+        let close = &reply[reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        assert_eq!(close[0], 0x88);
+        assert_eq!(close[2..4], 1009u16.to_be_bytes());
+
+        // Without a valid upgrade, /ws is an ordinary 400 and the connection stays usable.
+        let no_version = String::from_utf8_lossy(WS_UPGRADE).replace("Version: 13", "Version: 8");
+        let reply = exchange(&[no_version.as_bytes(), b"GET / HTTP/1.1\r\n\r\n"].concat());
+        assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{reply}");
+        assert!(reply.ends_with("backend=unit\n"));
+        let reply = exchange(b"GET /ws HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{reply}");
+    }
+
+    #[test]
+    fn tcp_echo_returns_every_byte_then_eof() {
+        let _lock = http_counter_lock();
+        let Servers { http, echo, .. } = start_server();
+        let data: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let mut client = TcpStream::connect(echo).unwrap();
+        let mut reader = client.try_clone().unwrap();
+        // Reading while writing: 5 MiB is far more than both socket buffers hold.
+        let received = thread::spawn(move || {
+            let mut received = Vec::new();
+            reader.read_to_end(&mut received).unwrap();
+            received
+        });
+        client.write_all(&data).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        // read_to_end only returns at EOF, so the server's half-close came after all the data.
+        let received = received.join().unwrap();
+        assert!(
+            received == data,
+            "echo differs: {} bytes back",
+            received.len()
+        );
+
+        let mut stats = TcpStream::connect(http).unwrap();
+        stats
+            .write_all(b"GET /stats HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        stats.read_to_string(&mut reply).unwrap();
+        let value = |key: &str| -> u64 {
+            let line = reply.lines().find_map(|l| l.strip_prefix(key)).unwrap();
+            line.parse().unwrap()
+        };
+        assert!(reply.contains("\r\n\r\nrequests="), "{reply}");
+        assert!(value("tcp_connections=") >= 1);
+        assert!(value("tcp_bytes=") >= data.len() as u64);
+    }
+
+    #[test]
+    fn tcp_greeter_half_closes_first_then_counts_what_follows() {
+        let Servers { greeter, .. } = start_server();
+        let before = GREETER_BYTES.load(Ordering::SeqCst);
+        let mut client = TcpStream::connect(greeter).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // read_to_end only returns at EOF: the server half-closed before we sent a byte.
+        let mut greeting = Vec::new();
+        client.read_to_end(&mut greeting).unwrap();
+        assert_eq!(greeting, b"hello\n");
+
+        // Our direction is still open: every byte sent now must still reach the greeter.
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        client.write_all(&data).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        // The session reads to our EOF and then closes; nothing of that is visible on this side
+        // (both FINs are already exchanged), so watch the counter it keeps instead.
+        let after = wait_for_counter(&GREETER_BYTES, before + data.len() as u64);
+        assert_eq!(after - before, data.len() as u64);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "bytes after the greeting: {rest:?}");
+    }
+
+    #[test]
+    fn tcp_reset_answers_the_first_byte_with_a_reset() {
+        let Servers { reset, .. } = start_server();
+        let before = RESETS.load(Ordering::SeqCst);
+        let mut client = TcpStream::connect(reset).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        client.write_all(b"x").unwrap();
+        let mut buf = [0u8; 16];
+        // A timeout would show up as WouldBlock, an orderly close as Ok(0): both fail here.
+        let err = client
+            .read(&mut buf)
+            .expect_err("read after the reset must fail");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        // Counted before the close, so it is visible once the reset has arrived.
+        assert_eq!(RESETS.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[test]
+    fn http_connections_count_connections_not_requests() {
+        let _lock = http_counter_lock();
+        let Servers { http, .. } = start_server();
+        let before = HTTP_CONNECTIONS.load(Ordering::SeqCst);
+        let mut client = TcpStream::connect(http).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        let head = response_head_of(&mut client);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(!head.contains("Connection: close"), "{head}");
+        assert_eq!(
+            read_n(&mut client, "backend=unit\n".len()),
+            b"backend=unit\n"
+        );
+
+        // The second request on the same connection: /stats, which ends the connection.
+        client
+            .write_all(b"GET /stats HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        let stats = stats_lines(body);
+        let keys: Vec<&str> = stats.iter().map(|&(key, _)| key).collect();
+        assert_eq!(
+            keys,
+            [
+                "requests",
+                "tcp_connections",
+                "tcp_bytes",
+                "http_connections",
+                "greeter_bytes",
+                "resets"
+            ]
+        );
+        assert_eq!(stats[3].1, before + 1, "{body}");
+        assert_eq!(HTTP_CONNECTIONS.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[test]
+    fn all_addresses_from_flags() {
+        let args = [
+            "--listen",
+            "127.0.0.1:1",
+            "--tcp-echo=127.0.0.1:2",
+            "--tcp-greeter",
+            "127.0.0.1:3",
+            "--tcp-reset=127.0.0.1:4",
+        ]
+        .map(String::from);
+        let config = parse_args(args.into_iter()).unwrap().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:1");
+        assert_eq!(config.tcp_echo, "127.0.0.1:2");
+        assert_eq!(config.tcp_greeter, "127.0.0.1:3");
+        assert_eq!(config.tcp_reset, "127.0.0.1:4");
+        for flag in ["--tcp-echo", "--tcp-greeter", "--tcp-reset"] {
+            assert!(parse_args([String::from(flag)].into_iter()).is_err());
+        }
+        assert!(parse_args([String::from("--bogus")].into_iter()).is_err());
     }
 }

@@ -1,0 +1,306 @@
+//! splice(2): body bytes go socket -> pipe -> socket without being copied into userspace.
+//!
+//! Pipes are made once and reused (a pipe of 1 MiB lets one splice call move a large slice of a
+//! body); only empty pipes go back to the pool, so a transfer that failed half-way can never leak
+//! its bytes into the next one.
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    sync::{Mutex, atomic::AtomicU64},
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use crate::metrics::Metrics;
+
+/// Pipe capacity asked for; the kernel may grant less (see /proc/sys/fs/pipe-max-size).
+const PIPE_SIZE: usize = 1024 * 1024;
+/// Empty pipes kept for reuse.
+const MAX_FREE_PIPES: usize = 64;
+
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two fds into the array we own; we check the result.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a pipe fd we own; failure leaves the default size, which still works.
+        let granted = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
+        let capacity = if granted > 0 {
+            granted as usize
+        } else {
+            64 * 1024
+        };
+        Ok(Self {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct PipePool {
+    free: Mutex<Vec<Pipe>>,
+}
+
+impl PipePool {
+    pub fn get(&self) -> io::Result<Pipe> {
+        match self.free.lock().expect("pipe pool lock").pop() {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Returns an emptied pipe for reuse.
+    pub fn put(&self, pipe: Pipe) {
+        let mut free = self.free.lock().expect("pipe pool lock");
+        if free.len() < MAX_FREE_PIPES {
+            free.push(pipe);
+        }
+    }
+}
+
+/// Why a splice transfer stopped early.
+#[derive(Debug)]
+pub enum SpliceError {
+    Source(io::Error),
+    Sink(io::Error),
+}
+
+/// Moves exactly `len` bytes (or, with `None`, everything until EOF) from `src` to `dst`.
+/// Returns the bytes moved. The pipe is returned to the pool only if it ended empty.
+pub async fn transfer(
+    src: &TcpStream,
+    dst: &TcpStream,
+    len: Option<u64>,
+    pipes: &PipePool,
+    counter: &AtomicU64,
+) -> Result<u64, SpliceError> {
+    let pipe = pipes.get().map_err(SpliceError::Source)?;
+    let mut state = Transfer {
+        pipe: &pipe,
+        in_pipe: 0,
+        remaining: len,
+        moved: 0,
+        eof: false,
+    };
+    let result = state.run(src, dst, counter).await;
+    let empty = state.in_pipe == 0;
+    drop(state);
+    if result.is_ok() && empty {
+        pipes.put(pipe);
+    }
+    result
+}
+
+struct Transfer<'a> {
+    pipe: &'a Pipe,
+    /// Bytes sitting in the pipe.
+    in_pipe: usize,
+    /// Bytes still to read from the source (`None`: until EOF).
+    remaining: Option<u64>,
+    moved: u64,
+    eof: bool,
+}
+
+impl Transfer<'_> {
+    fn source_done(&self) -> bool {
+        self.eof || self.remaining == Some(0)
+    }
+
+    async fn run(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        counter: &AtomicU64,
+    ) -> Result<u64, SpliceError> {
+        loop {
+            let mut progressed = false;
+            if !self.source_done() && self.in_pipe < self.pipe.capacity {
+                let room = self.pipe.capacity - self.in_pipe;
+                let want = self
+                    .remaining
+                    .map_or(room, |r| room.min(usize::try_from(r).unwrap_or(usize::MAX)));
+                match src.try_io(Interest::READABLE, || {
+                    splice(src.as_raw_fd(), self.pipe.write.as_raw_fd(), want)
+                }) {
+                    Ok(0) if self.remaining.is_some() => {
+                        return Err(SpliceError::Source(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                    Ok(0) => self.eof = true,
+                    Ok(n) => {
+                        self.in_pipe += n;
+                        if let Some(r) = &mut self.remaining {
+                            *r -= n as u64;
+                        }
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(SpliceError::Source(e)),
+                }
+            }
+            if self.in_pipe > 0 {
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(self.pipe.read.as_raw_fd(), dst.as_raw_fd(), self.in_pipe)
+                }) {
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        self.moved += n as u64;
+                        Metrics::add(counter, n as u64);
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(SpliceError::Sink(e)),
+                }
+            }
+            if self.source_done() && self.in_pipe == 0 {
+                return Ok(self.moved);
+            }
+            if !progressed {
+                self.wait(src, dst).await?;
+            }
+        }
+    }
+
+    /// Waits until the side that blocked progress is ready.
+    async fn wait(&self, src: &TcpStream, dst: &TcpStream) -> Result<(), SpliceError> {
+        let can_read = !self.source_done() && self.in_pipe < self.pipe.capacity;
+        let can_write = self.in_pipe > 0;
+        tokio::select! {
+            r = src.readable(), if can_read => r.map_err(SpliceError::Source),
+            r = dst.writable(), if can_write => r.map_err(SpliceError::Sink),
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice between fds this transfer holds open; null offsets are required for
+    // sockets and pipes. Non-blocking: readiness is handled by tokio.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn moves_exactly_the_length_and_leaves_the_rest() {
+        let (mut writer, src) = pair().await;
+        let (dst, mut reader) = pair().await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sender = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                writer.write_all(&data).await.unwrap();
+                writer.write_all(b"NEXT").await.unwrap();
+                writer
+            })
+        };
+        let pipes = PipePool::default();
+        let counter = AtomicU64::new(0);
+        let receiver = tokio::spawn(async move {
+            let mut got = vec![0u8; 3_000_000];
+            reader.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let moved = transfer(&src, &dst, Some(3_000_000), &pipes, &counter)
+            .await
+            .unwrap();
+        assert_eq!(moved, 3_000_000);
+        assert_eq!(
+            counter.load(std::sync::atomic::Ordering::Relaxed),
+            3_000_000
+        );
+        assert_eq!(receiver.await.unwrap(), data);
+        let _writer = sender.await.unwrap();
+        // The bytes after the body stay in the source socket for the next reader.
+        let mut src = src;
+        let mut next = [0u8; 4];
+        src.read_exact(&mut next).await.unwrap();
+        assert_eq!(&next, b"NEXT");
+        assert_eq!(
+            pipes.free.lock().unwrap().len(),
+            1,
+            "the emptied pipe is reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn early_eof_is_a_source_error() {
+        let (mut writer, src) = pair().await;
+        let (dst, _reader) = pair().await;
+        writer.write_all(b"short").await.unwrap();
+        drop(writer);
+        let result = transfer(
+            &src,
+            &dst,
+            Some(100),
+            &PipePool::default(),
+            &AtomicU64::new(0),
+        )
+        .await;
+        assert!(matches!(result, Err(SpliceError::Source(_))));
+    }
+
+    #[tokio::test]
+    async fn until_eof() {
+        let (mut writer, src) = pair().await;
+        let (dst, mut reader) = pair().await;
+        tokio::spawn(async move {
+            writer.write_all(&[7u8; 100_000]).await.unwrap();
+        });
+        let moved = transfer(&src, &dst, None, &PipePool::default(), &AtomicU64::new(0))
+            .await
+            .unwrap();
+        assert_eq!(moved, 100_000);
+        drop(dst);
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 100_000);
+    }
+}

@@ -1,0 +1,101 @@
+//! `tcp://` routes: a route such as `tcp://redis.local:16379` on a container's port 6379 makes
+//! the router listen on port 16379 (on the addresses of `--listen`) and tunnel every connection
+//! to one of the route's backends. Listeners open and close as such routes appear and vanish.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{net::TcpStream, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{
+    ProxyContext, bind, tunnel,
+    upstream::{self, Reuse, Tried},
+};
+use crate::metrics::Metrics;
+
+/// Keeps one listener per tcp route port and address, following the routing table.
+pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
+    let mut listeners: HashMap<u16, Vec<JoinHandle<()>>> = HashMap::new();
+    let mut versions = ctx.published.table_version.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let wanted: HashSet<u16> = ctx.published.table.load().tcp_ports().collect();
+        tracing::debug!(?wanted, "tcp route ports");
+        listeners.retain(|port, tasks| {
+            let keep = wanted.contains(port);
+            if !keep {
+                tasks.iter().for_each(JoinHandle::abort);
+                info!("tcp route port {port}: no backend route left, listener closed");
+            }
+            keep
+        });
+        for port in wanted {
+            if listeners.contains_key(&port) {
+                continue;
+            }
+            let tasks = addresses
+                .iter()
+                .filter_map(|ip| match bind(SocketAddr::new(*ip, port)) {
+                    Ok(listener) => Some(tokio::spawn(accept_loop(listener, port, ctx.clone()))),
+                    Err(e) => {
+                        warn!("tcp route port {port}: {e:#}");
+                        None
+                    }
+                })
+                .collect();
+            info!("tcp route port {port}: listening");
+            listeners.insert(port, tasks);
+        }
+        tokio::select! {
+            changed = versions.changed() => if changed.is_err() { break },
+            _ = shutdown.wait_for(|stopping| *stopping) => break,
+        }
+    }
+    listeners.values().flatten().for_each(JoinHandle::abort);
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, port: u16, ctx: Arc<ProxyContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, port, ctx.clone()));
+            }
+            Err(e) => {
+                warn!("accept on tcp route port {port}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<ProxyContext>) {
+    let metrics = &ctx.metrics;
+    Metrics::add(&metrics.connections_accepted, 1);
+    metrics
+        .connections_active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = client.set_nodelay(true);
+    let table = ctx.published.table.load_full();
+    if let Some(route) = table.tcp_route(port) {
+        if route.internal && !ctx.published.is_internal(peer.ip()) {
+            info!(%peer, domain = %route.domain, "internal tcp route asked from outside the internal networks: closed");
+        } else if let Some((_, mut upstream)) =
+            upstream::connect_next(route, None, &mut Tried::default(), &ctx, Reuse::Fresh).await
+        {
+            tunnel::run(
+                &mut client,
+                &mut upstream.stream,
+                ctx.tunnel_path(false),
+                &ctx,
+            )
+            .await;
+        }
+    }
+    metrics
+        .connections_active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}

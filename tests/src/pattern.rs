@@ -1,0 +1,66 @@
+//! Deterministic pseudo-random bytes for integrity checks: the sender and the checker generate
+//! the same stream from a seed, so 50 MiB need not be kept in memory or on disk. The stream is
+//! the same however it is cut into buffers.
+pub struct Pattern {
+    state: u64,
+    word: [u8; 8],
+    /// Bytes of `word` already handed out.
+    used: usize,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed | 1,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    /// Fills `buf` with the next bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for byte in buf {
+            if self.used == 8 {
+                self.next_word();
+            }
+            *byte = self.word[self.used];
+            self.used += 1;
+        }
+    }
+
+    fn next_word(&mut self) {
+        // xorshift64*: fast, and no run of the stream repeats within our sizes.
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.word = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        self.used = 0;
+    }
+
+    /// Checks that `got` is the next part of the stream.
+    pub fn matches(&mut self, got: &[u8]) -> bool {
+        let mut expected = vec![0u8; got.len()];
+        self.fill(&mut expected);
+        expected == got
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_does_not_depend_on_how_it_is_cut() {
+        let mut whole = vec![0u8; 1000];
+        Pattern::new(5).fill(&mut whole);
+        let mut pieces = Pattern::new(5);
+        let mut offset = 0;
+        for size in [3, 8, 1, 13, 975] {
+            assert!(
+                pieces.matches(&whole[offset..offset + size]),
+                "piece at {offset}"
+            );
+            offset += size;
+        }
+    }
+}

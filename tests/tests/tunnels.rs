@@ -1,0 +1,187 @@
+//! `tcp://` routes through the kernel path: half-close in each direction, and resets from either
+//! side, after which no sockhash entry and no file descriptor is left behind.
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use tests::{
+    agent::{Agent, free_port},
+    client,
+    docker::Container,
+    unique, wait_for,
+};
+
+/// A backend with tcp routes to its greeter (7001), reset (7002) and echo (7000) ports.
+struct TcpBackend {
+    container: Container,
+    greeter: SocketAddr,
+    reset: SocketAddr,
+    echo: SocketAddr,
+}
+
+fn tcp_backend(agent: &Agent) -> TcpBackend {
+    let ports = [free_port(), free_port(), free_port()];
+    let name = unique("tunnels");
+    let labels: Vec<String> = [7001, 7002, 7000]
+        .iter()
+        .zip(ports)
+        .map(|(container_port, port)| {
+            format!(
+                "aliyun.routing.port_{container_port}=tcp://{name}-{container_port}.local:{port}"
+            )
+        })
+        .collect();
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let container = Container::backend(&name, &labels);
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    for port in ports {
+        wait_for("the tcp route listeners", Duration::from_secs(15), || {
+            agent.json("/api/routes")["routes"]
+                .as_array()
+                .is_some_and(|routes| {
+                    routes
+                        .iter()
+                        .any(|r| r["listen_port"] == port && r["backends"][0]["state"] == "up")
+                })
+        });
+    }
+    agent.wait_idle();
+    TcpBackend {
+        container,
+        greeter: addr(ports[0]),
+        reset: addr(ports[1]),
+        echo: addr(ports[2]),
+    }
+}
+
+/// A counter from the backend's `/stats`, read directly from the container.
+fn backend_stat(backend: &Container, name: &str) -> u64 {
+    let addr: SocketAddr = format!("{}:80", backend.ip()).parse().expect("address");
+    let stats = client::get(addr, "backend", "/stats", &[]).expect("stats");
+    String::from_utf8_lossy(&stats.body)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name}="))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{name} in /stats"))
+}
+
+fn offloaded_sockets(agent: &Agent) -> u64 {
+    agent.json("/api/routes")["datapath"]["offloaded_sockets"]
+        .as_u64()
+        .expect("kernel offload is on")
+}
+
+/// Waits until the agent holds no tunnel: no sockhash entry, no connection, and its
+/// descriptor count back to `baseline`.
+fn assert_nothing_left(agent: &Agent, baseline: usize, what: &str) {
+    wait_for(
+        &format!("no tunnel left after {what}"),
+        Duration::from_secs(5),
+        || {
+            offloaded_sockets(agent) == 0
+                && agent.metric("router_connections_active") == Some(0)
+                && agent.open_fds() <= baseline
+        },
+    );
+}
+
+#[test]
+fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
+    let agent = Agent::start(&["--datapath", "sockmap"]);
+    let backend = tcp_backend(&agent);
+    let before = backend_stat(&backend.container, "greeter_bytes");
+
+    let mut stream = TcpStream::connect(backend.greeter).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut greeting = Vec::new();
+    stream
+        .read_to_end(&mut greeting)
+        .expect("greeting then EOF");
+    assert_eq!(
+        greeting, b"hello\n",
+        "the backend's half-close arrived as EOF after its bytes"
+    );
+
+    // Our direction is still open: everything we send now reaches the backend.
+    let payload = vec![0x5au8; 1024 * 1024];
+    stream
+        .write_all(&payload)
+        .expect("send after the backend's half-close");
+    stream.shutdown(Shutdown::Write).expect("our half-close");
+    wait_for(
+        "the backend to count our bytes",
+        Duration::from_secs(10),
+        || backend_stat(&backend.container, "greeter_bytes") - before == payload.len() as u64,
+    );
+    drop(stream);
+    agent.wait_idle();
+    let kernel = agent.json("/api/routes")["datapath"]["bytes_kernel"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        kernel >= payload.len() as u64,
+        "the kernel carried the upload: {kernel}"
+    );
+}
+
+#[test]
+fn client_half_close_reaches_the_backend_and_its_answer_still_arrives() {
+    let agent = Agent::start(&["--datapath", "sockmap"]);
+    let backend = tcp_backend(&agent);
+    let mut stream = TcpStream::connect(backend.echo).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(b"last words").expect("send");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).expect("echo then EOF");
+    assert_eq!(echoed, b"last words");
+}
+
+#[test]
+fn client_reset_leaves_no_sockhash_entry_and_no_descriptor() {
+    let agent = Agent::start(&["--datapath", "sockmap"]);
+    let backend = tcp_backend(&agent);
+    let baseline = agent.open_fds();
+
+    let stream = TcpStream::connect(backend.echo).expect("connect");
+    (&stream).write_all(&[1u8; 64 * 1024]).expect("send");
+    wait_for("the tunnel in the sockhash", Duration::from_secs(5), || {
+        offloaded_sockets(&agent) == 2
+    });
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger 0");
+    drop(stream); // RST
+    assert_nothing_left(&agent, baseline, "a client reset");
+}
+
+#[test]
+fn backend_reset_leaves_no_sockhash_entry_and_no_descriptor() {
+    let agent = Agent::start(&["--datapath", "sockmap"]);
+    let backend = tcp_backend(&agent);
+    let baseline = agent.open_fds();
+    let resets = backend_stat(&backend.container, "resets");
+
+    let mut stream = TcpStream::connect(backend.reset).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(b"x").expect("send");
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        // The reset is passed on as a reset (or, if it raced our read, as the end).
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => assert_eq!(n, 0, "no data from a resetting backend"),
+    }
+    assert_eq!(backend_stat(&backend.container, "resets"), resets + 1);
+    drop(stream);
+    assert_nothing_left(&agent, baseline, "a backend reset");
+}
