@@ -31,6 +31,7 @@ struct Maps {
     /// Redirect destinations.
     peers: SockHash<MapData, u64>,
     tunnels: HashMap<MapData, u64, TunnelEntry>,
+    drained: HashMap<MapData, u64, u64>,
 }
 
 /// Socket cookies of an offloaded pair.
@@ -50,6 +51,7 @@ impl KernelOffload {
         let sockhash: SockHash<MapData, u64> = take_map(&mut ebpf, maps::SOCKHASH)?;
         let peers: SockHash<MapData, u64> = take_map(&mut ebpf, maps::PEERS)?;
         let tunnels: HashMap<MapData, u64, TunnelEntry> = take_map(&mut ebpf, maps::TUNNELS)?;
+        let drained: HashMap<MapData, u64, u64> = take_map(&mut ebpf, maps::DRAINED)?;
         let program: &mut SkSkb = ebpf
             .program_mut(programs::TUNNEL_VERDICT)
             .context("the eBPF object has no tunnel_verdict program")?
@@ -67,6 +69,7 @@ impl KernelOffload {
                 sockhash,
                 peers,
                 tunnels,
+                drained,
             }),
         })
     }
@@ -95,7 +98,7 @@ impl KernelOffload {
                 pair.client,
                 TunnelEntry {
                     peer_cookie: pair.backend,
-                    bytes_redirected: 0,
+                    ..TunnelEntry::default()
                 },
                 0,
             )?;
@@ -103,7 +106,7 @@ impl KernelOffload {
                 pair.backend,
                 TunnelEntry {
                     peer_cookie: pair.client,
-                    bytes_redirected: 0,
+                    ..TunnelEntry::default()
                 },
                 0,
             )?;
@@ -119,12 +122,20 @@ impl KernelOffload {
         Ok(pair)
     }
 
-    /// Bytes the kernel redirected so far out of the socket with this cookie's peer.
-    pub fn redirected_from(&self, cookie: u64) -> u64 {
+    /// What the kernel did so far with the bytes arriving on the socket with this cookie:
+    /// how many it redirected to the peer, and whether it demoted the direction to userspace.
+    pub fn direction(&self, cookie: u64) -> (u64, bool) {
         let maps = self.maps.lock().expect("offload maps lock");
         maps.tunnels
             .get(&cookie, 0)
-            .map_or(0, |e| e.bytes_redirected)
+            .map_or((0, false), |e| (e.bytes_redirected, e.demoted != 0))
+    }
+
+    /// Tells the verdict program how much of this socket's redirected bytes have left through
+    /// the peer, which bounds what may wait in the kernel.
+    pub fn set_drained(&self, cookie: u64, drained: u64) {
+        let mut maps = self.maps.lock().expect("offload maps lock");
+        let _ = maps.drained.insert(cookie, drained, 0);
     }
 
     /// Takes the pair out of the kernel path; returns the bytes it redirected in total.
@@ -157,6 +168,7 @@ impl Maps {
         for cookie in [pair.client, pair.backend] {
             let _ = self.sockhash.remove(&cookie);
             let _ = self.tunnels.remove(&cookie);
+            let _ = self.drained.remove(&cookie);
             let _ = self.peers.remove(&cookie);
         }
     }

@@ -44,6 +44,8 @@ pub struct Metrics {
     /// Bytes the kernel redirected between offloaded sockets (sockhash).
     pub bytes_kernel: AtomicU64,
     pub connections_offloaded: AtomicU64,
+    /// Kernel tunnel directions handed back to userspace because the peer did not keep up.
+    pub tunnels_demoted: AtomicU64,
     responses_by_class: [AtomicU64; 5],
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     backend_errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -56,6 +58,7 @@ pub struct DatapathCounters {
     pub bytes_spliced: u64,
     pub bytes_kernel: u64,
     pub connections_offloaded: u64,
+    pub tunnels_demoted: u64,
 }
 
 impl Metrics {
@@ -96,6 +99,7 @@ impl Metrics {
             bytes_spliced: self.bytes_spliced.load(Ordering::Relaxed),
             bytes_kernel: self.bytes_kernel.load(Ordering::Relaxed),
             connections_offloaded: self.connections_offloaded.load(Ordering::Relaxed),
+            tunnels_demoted: self.tunnels_demoted.load(Ordering::Relaxed),
         }
     }
 
@@ -143,6 +147,11 @@ impl Metrics {
             "router_connections_offloaded_total",
             "Connections handed to the kernel sockhash.",
             load(&self.connections_offloaded),
+        );
+        counter(
+            "router_tunnels_demoted_total",
+            "Kernel tunnel directions handed back to userspace because the peer did not keep up.",
+            load(&self.tunnels_demoted),
         );
         let _ = writeln!(
             out,

@@ -14,9 +14,19 @@ pub mod maps {
     pub const PEERS: &str = "PEERS";
     /// `TUNNELS`: socket cookie (`u64`) -> [`super::TunnelEntry`] for every offloaded socket.
     pub const TUNNELS: &str = "TUNNELS";
+    /// `DRAINED`: socket cookie (`u64`) -> bytes of what the kernel redirected from that socket
+    /// which have left through the peer (`u64`). Userspace keeps it current; the verdict program
+    /// compares it with `bytes_redirected` to bound what waits in the kernel.
+    pub const DRAINED: &str = "DRAINED";
     /// Upper bound on offloaded sockets (two per tunnel).
     pub const MAX_OFFLOADED_SOCKETS: u32 = 65_536;
 }
+
+/// Most bytes of one direction of a tunnel that may wait in the kernel, redirected but not yet
+/// sent on by the peer socket. Redirects have no flow control of their own: without this bound a
+/// fast sender and a slow receiver would pile up unbounded kernel memory. Past it, the direction
+/// is demoted to userspace, where TCP's own backpressure works.
+pub const MAX_KERNEL_BACKLOG: u64 = 16 * 1024 * 1024;
 
 /// Names of the programs in the object.
 pub mod programs {
@@ -30,8 +40,11 @@ pub mod programs {
 pub struct TunnelEntry {
     /// Socket cookie of the peer socket: bytes received here are sent out of that one.
     pub peer_cookie: u64,
-    /// Bytes the kernel redirected from this socket to the peer (updated atomically).
+    /// Bytes the kernel redirected from this socket to the peer.
     pub bytes_redirected: u64,
+    /// Non-zero once the backlog bound was hit: from then on the program passes this socket's
+    /// bytes to userspace, which forwards them after the redirected ones have drained.
+    pub demoted: u64,
 }
 
 #[cfg(feature = "user")]

@@ -17,7 +17,7 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
-use router_common::{TunnelEntry, maps::MAX_OFFLOADED_SOCKETS};
+use router_common::{MAX_KERNEL_BACKLOG, TunnelEntry, maps::MAX_OFFLOADED_SOCKETS};
 
 #[map]
 static SOCKHASH: SockHash<u64> = SockHash::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
@@ -27,6 +27,9 @@ static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_OFFLOADED_SOCKETS, 
 
 #[map]
 static TUNNELS: HashMap<u64, TunnelEntry> = HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
+
+#[map]
+static DRAINED: HashMap<u64, u64> = HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
 
 #[stream_verdict]
 pub fn tunnel_verdict(ctx: SkBuffContext) -> u32 {
@@ -51,12 +54,23 @@ fn try_tunnel_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         return Ok(sk_action::SK_PASS);
     };
     // SAFETY: get_ptr_mut returned a valid pointer to this socket's map value. The verdict for
-    // one socket runs with that socket locked, so a plain add is not raced by another CPU (the
-    // BPF target has no atomic fetch_add in core).
-    let peer = unsafe {
-        (*entry).bytes_redirected += u64::from(len);
-        (*entry).peer_cookie
-    };
+    // one socket runs with that socket locked, so plain updates are not raced by another CPU
+    // (the BPF target has no atomic fetch_add in core).
+    let entry = unsafe { &mut *entry };
+    if entry.demoted != 0 {
+        return Ok(sk_action::SK_PASS);
+    }
+    // SAFETY: a plain read of a u64 map value.
+    let drained = unsafe { DRAINED.get(cookie) }.copied().unwrap_or(0);
+    let waiting = (entry.bytes_redirected + u64::from(len)).saturating_sub(drained);
+    if waiting > MAX_KERNEL_BACKLOG {
+        // The peer does not keep up: this byte and all after it go to userspace, in order
+        // behind what was redirected (userspace waits for that to drain first).
+        entry.demoted = 1;
+        return Ok(sk_action::SK_PASS);
+    }
+    entry.bytes_redirected += u64::from(len);
+    let peer = entry.peer_cookie;
     // Egress redirect (flags 0): the bytes are sent out of the peer socket. The helper answers
     // SK_PASS (redirect) on success and SK_DROP when the peer left the map (it closed); dropping
     // is right then, userspace tears the tunnel down.

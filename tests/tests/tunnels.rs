@@ -185,3 +185,52 @@ fn backend_reset_leaves_no_sockhash_entry_and_no_descriptor() {
     drop(stream);
     assert_nothing_left(&agent, baseline, "a backend reset");
 }
+
+#[test]
+fn a_receiver_that_stops_reading_bounds_the_kernel_backlog_and_loses_nothing() {
+    let agent = Agent::start(&["--datapath", "sockmap"]);
+    let backend = tcp_backend(&agent);
+    const TOTAL: u64 = 64 * 1024 * 1024;
+    let mut stream = TcpStream::connect(backend.echo).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let mut pattern = tests::pattern::Pattern::new(21);
+        let mut block = vec![0u8; 64 * 1024];
+        for _ in 0..TOTAL / block.len() as u64 {
+            pattern.fill(&mut block);
+            writer.write_all(&block).expect("send");
+        }
+        writer.shutdown(Shutdown::Write).expect("half-close");
+    });
+    // We do not read for a while: the echo backend blocks writing to us and stops reading, so
+    // redirected bytes pile up in the kernel until the bound hands the directions to userspace.
+    wait_for(
+        "a tunnel direction demoted to userspace",
+        Duration::from_secs(20),
+        || {
+            agent.json("/api/routes")["datapath"]["tunnels_demoted"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1
+        },
+    );
+    let mut pattern = tests::pattern::Pattern::new(21);
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = stream.read(&mut buf).expect("read echo");
+        if n == 0 {
+            break;
+        }
+        assert!(
+            pattern.matches(&buf[..n]),
+            "echoed bytes differ at offset {received}"
+        );
+        received += n as u64;
+    }
+    sender.join().expect("sender");
+    assert_eq!(received, TOTAL, "every byte came back in order, then EOF");
+}

@@ -11,6 +11,7 @@ use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd as _, RawFd},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -33,8 +34,13 @@ pub enum TunnelPath {
     Kernel,
 }
 
-/// How long a half-close may wait for redirected bytes to leave through the peer.
+/// How long a half-close may wait for queued bytes to be judged.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long redirected bytes may sit in the kernel without any of them leaving through the
+/// peer before the tunnel is given up.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often each kernel tunnel tells the verdict program how far its peer has drained.
+const DRAIN_REPORT_PERIOD: Duration = Duration::from_millis(5);
 
 impl ProxyContext {
     /// The path for a new tunnel. `spliced` says whether splice already touched the client
@@ -140,44 +146,42 @@ async fn kernel(
     };
     let (client, backend) = (&*client, &*backend);
     Metrics::add(&metrics.connections_offloaded, 1);
-    let mut up = Direction {
+    // Each direction runs on its own, so that one waiting for its peer to drain never stops the
+    // other (which may be what the peer waits for).
+    let (up_ended, down_ended) = (AtomicBool::new(false), AtomicBool::new(false));
+    let up = Direction {
         from: client,
         to: backend,
         from_cookie: pair.client,
         to_base: base.1,
-        open: true,
-        from_shut: false,
+        ended: &up_ended,
+        from_shut: &down_ended,
+        in_userspace: false,
     };
-    let mut down = Direction {
+    let down = Direction {
         from: backend,
         to: client,
         from_cookie: pair.backend,
         to_base: base.0,
-        open: true,
-        from_shut: false,
+        ended: &down_ended,
+        from_shut: &up_ended,
+        in_userspace: false,
     };
-    // Bytes that arrived before the attach sit in the receive queues: a receive call runs them
-    // through the verdict.
+    let (up, down) = (up.run(offload, metrics), down.run(offload, metrics));
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
     let mut ended_by_reset = false;
-    for direction in [&mut up, &mut down] {
-        if direction.on_readable(offload, metrics).await == Step::Reset {
-            ended_by_reset = true;
+    while !ended_by_reset && !(up_done && down_done) {
+        tokio::select! {
+            step = &mut up, if !up_done => {
+                up_done = true;
+                ended_by_reset = step == Step::Reset;
+            }
+            step = &mut down, if !down_done => {
+                down_done = true;
+                ended_by_reset = step == Step::Reset;
+            }
         }
-    }
-    while !ended_by_reset && (up.open || down.open) {
-        let step = tokio::select! {
-            r = client.readable(), if up.open => match r {
-                Ok(()) => up.on_readable(offload, metrics).await,
-                Err(_) => Step::Reset,
-            },
-            r = backend.readable(), if down.open => match r {
-                Ok(()) => down.on_readable(offload, metrics).await,
-                Err(_) => Step::Reset,
-            },
-        };
-        ended_by_reset = step == Step::Reset;
-        up.from_shut = !down.open;
-        down.from_shut = !up.open;
     }
     let redirected = offload.detach_pair(pair);
     Metrics::add(&metrics.bytes_kernel, redirected);
@@ -192,6 +196,8 @@ async fn kernel(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
     Continue,
+    /// This direction is over: EOF seen and passed on as a half-close.
+    Ended,
     Reset,
 }
 
@@ -202,17 +208,51 @@ struct Direction<'a> {
     from_cookie: u64,
     /// `to`'s bytes written before the attach.
     to_base: u64,
-    /// Bytes still flow this way.
-    open: bool,
-    /// We shut down `from`'s write side (the other direction ended).
-    from_shut: bool,
+    /// Set when this direction ended (we shut down `to`'s write side).
+    ended: &'a AtomicBool,
+    /// Whether we shut down `from`'s write side (the other direction ended).
+    from_shut: &'a AtomicBool,
+    /// The verdict program passes this direction's bytes to userspace now (it was demoted: the
+    /// peer did not keep up), and userspace forwards them.
+    in_userspace: bool,
 }
 
 impl Direction<'_> {
-    /// `from` is readable: EOF (the verdict passes FINs), a reset, or bytes the kernel did not
-    /// redirect (the peer vanished between checks).
+    /// Watches `from` until this direction ends; meanwhile keeps the verdict program told how
+    /// far the peer has drained.
+    async fn run(mut self, offload: &KernelOffload, metrics: &Metrics) -> Step {
+        // Bytes that arrived before the attach sit in the receive queue: a receive call runs
+        // them through the verdict.
+        let mut step = self.on_readable(offload, metrics).await;
+        let mut drain_reports = tokio::time::interval(DRAIN_REPORT_PERIOD);
+        drain_reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while step == Step::Continue {
+            step = tokio::select! {
+                _ = drain_reports.tick() => {
+                    self.report_drained(offload);
+                    Step::Continue
+                }
+                r = self.from.readable() => match r {
+                    Ok(()) => self.on_readable(offload, metrics).await,
+                    Err(_) => Step::Reset,
+                },
+            };
+        }
+        step
+    }
+
+    /// Tells the verdict program how much of what it redirected has left through the peer.
+    fn report_drained(&self, offload: &KernelOffload) {
+        if !self.in_userspace {
+            let drained = bytes_written(self.to.as_raw_fd()).saturating_sub(self.to_base);
+            offload.set_drained(self.from_cookie, drained);
+        }
+    }
+
+    /// `from` is readable: EOF (TCP shut it for reading), a reset, or bytes the program passed
+    /// to userspace (the direction was demoted, or the peer vanished).
     async fn on_readable(&mut self, offload: &KernelOffload, metrics: &Metrics) -> Step {
-        let mut buf = [0u8; 16 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         let fd = self.from.as_raw_fd();
         match self.from.try_io(Interest::READABLE, || recv(fd, &mut buf)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
@@ -225,29 +265,25 @@ impl Direction<'_> {
             // went to TIME_WAIT), so CLOSE means reset only while our side was still open.
             Ok(0)
                 if socket_error(self.from) != 0
-                    || (tcp_state(fd) == Some(TCP_CLOSE) && !self.from_shut) =>
+                    || (tcp_state(fd) == Some(TCP_CLOSE)
+                        && !self.from_shut.load(Ordering::Relaxed)) =>
             {
                 debug!(error = socket_error(self.from), state = ?tcp_state(fd), "tunnel side reset");
                 Step::Reset
             }
             Ok(0) => {
-                if self.judge_queued(metrics).await.is_err() {
+                if self.judge_queued(offload, metrics).await.is_err() {
                     return Step::Reset;
                 }
-                self.wait_flushed(offload).await;
+                self.wait_flushed(offload, FLUSH_TIMEOUT).await;
                 shutdown_write(self.to);
-                self.open = false;
-                Step::Continue
+                self.ended.store(true, Ordering::Relaxed);
+                Step::Ended
             }
-            Ok(n) => {
-                debug!(bytes = n, "tunnel bytes passed to userspace");
-                Metrics::add(&metrics.bytes_copied, n as u64);
-                if write_all(self.to, &buf[..n]).await.is_err() {
-                    Step::Reset
-                } else {
-                    Step::Continue
-                }
-            }
+            Ok(n) => match self.forward_passed(&buf[..n], offload, metrics).await {
+                Ok(()) => Step::Continue,
+                Err(_) => Step::Reset,
+            },
         }
     }
 
@@ -255,16 +291,13 @@ impl Direction<'_> {
     /// queue, unjudged (a receive call that reports EOF does not judge them all). Keep calling
     /// receive until the queue is empty, so every byte was redirected before the FIN is passed
     /// on.
-    async fn judge_queued(&self, metrics: &Metrics) -> io::Result<()> {
+    async fn judge_queued(&mut self, offload: &KernelOffload, metrics: &Metrics) -> io::Result<()> {
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         let fd = self.from.as_raw_fd();
-        let mut buf = [0u8; 16 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         while unread_bytes(fd) > 0 && Instant::now() < deadline {
             match recv(fd, &mut buf) {
-                Ok(n) if n > 0 => {
-                    Metrics::add(&metrics.bytes_copied, n as u64);
-                    write_all(self.to, &buf[..n]).await?;
-                }
+                Ok(n) if n > 0 => self.forward_passed(&buf[..n], offload, metrics).await?,
                 Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -275,24 +308,57 @@ impl Direction<'_> {
         Ok(())
     }
 
+    /// Sends bytes the program passed to userspace on to the peer. The first time, the bytes
+    /// the kernel redirected before must leave first, or these would overtake them.
+    async fn forward_passed(
+        &mut self,
+        bytes: &[u8],
+        offload: &KernelOffload,
+        metrics: &Metrics,
+    ) -> io::Result<()> {
+        if !self.in_userspace {
+            self.in_userspace = true;
+            if offload.direction(self.from_cookie).1 {
+                Metrics::add(&metrics.tunnels_demoted, 1);
+                debug!(
+                    cookie = self.from_cookie,
+                    "tunnel direction demoted to userspace: the peer does not keep up"
+                );
+            }
+            if !self.wait_flushed(offload, STALL_TIMEOUT).await {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer stopped draining",
+                ));
+            }
+        }
+        Metrics::add(&metrics.bytes_copied, bytes.len() as u64);
+        write_all(self.to, bytes).await
+    }
+
     /// Waits until every byte the kernel redirected from `from` has been handed to `to`'s TCP
-    /// stack (acked or queued): a FIN sent earlier would overtake them.
-    async fn wait_flushed(&self, offload: &KernelOffload) {
-        let deadline = Instant::now() + FLUSH_TIMEOUT;
+    /// stack (acked or queued): a FIN, or bytes forwarded by userspace, would overtake them.
+    /// Gives up when nothing leaves for `stall` (returns false).
+    async fn wait_flushed(&self, offload: &KernelOffload, stall: Duration) -> bool {
         let to = self.to.as_raw_fd();
+        let mut last_sent = 0;
+        let mut last_progress = Instant::now();
         loop {
-            let redirected = offload.redirected_from(self.from_cookie);
+            let (redirected, _) = offload.direction(self.from_cookie);
             let sent = bytes_written(to).saturating_sub(self.to_base);
             if sent >= redirected {
-                return;
+                return true;
             }
-            if Instant::now() > deadline {
+            if sent > last_sent {
+                last_sent = sent;
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > stall {
                 tracing::warn!(
                     redirected,
                     sent,
-                    "kernel tunnel: redirected bytes not flushed in time"
+                    "kernel tunnel: redirected bytes stopped leaving through the peer"
                 );
-                return;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
