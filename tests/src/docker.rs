@@ -56,9 +56,21 @@ impl Container {
         }
     }
 
-    /// A `router-local/backend` container with these labels (`key=value`).
+    /// A `router-local/backend` container with these labels (`key=value`), once its HTTP port
+    /// accepts connections. (Without a probe label the router routes a container as soon as it
+    /// runs, which can be a few milliseconds before the server inside listens.)
     pub fn backend(name: &str, labels: &[&str]) -> Self {
-        Self::run(name, &with_labels(labels, &[BACKEND_IMAGE]))
+        let container = Self::run(name, &with_labels(labels, &[BACKEND_IMAGE]));
+        let addr: std::net::SocketAddr = format!("{}:80", container.ip()).parse().expect("address");
+        crate::wait_for(
+            "the backend to listen",
+            std::time::Duration::from_secs(10),
+            || {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200))
+                    .is_ok()
+            },
+        );
+        container
     }
 
     pub fn short_id(&self) -> &str {

@@ -248,3 +248,28 @@ fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
         "exited once the request was done"
     );
 }
+
+#[test]
+fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
+    let dir = std::env::temp_dir().join(unique("config"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("router.toml");
+    std::fs::write(&config, "idle_timeout_ms = 400\n").expect("config");
+    let agent = Agent::start(&["--config", config.to_str().expect("path")]);
+    let (domain, _backend) = one_backend(&agent, "idle", &[]);
+    let mut connection = KeepAlive::connect(agent.http_addr()).expect("connect");
+    assert_eq!(
+        connection.get(&domain, "/health").expect("response").status,
+        200
+    );
+    let started = Instant::now();
+    assert!(
+        connection.is_closed(),
+        "the router closed the idle connection"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
