@@ -44,7 +44,7 @@ pub struct Cli {
     /// Address of the admin API [default: 127.0.0.1:9090].
     #[arg(long, env = "ROUTER_ADMIN")]
     pub admin: Option<SocketAddr>,
-    /// Docker engine [default: $DOCKER_HOST or unix:///var/run/docker.sock].
+    /// Docker engine [default: `$DOCKER_HOST` or `unix:///var/run/docker.sock`].
     #[arg(long, env = "ROUTER_DOCKER_HOST")]
     pub docker_host: Option<String>,
     /// Clients allowed to reach `*.local` domains (repeatable) [default: loopback plus the
@@ -102,8 +102,8 @@ impl Default for ProxySettings {
         Self {
             connect_timeout: Duration::from_secs(3),
             header_timeout: Duration::from_secs(10),
-            response_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(60),
+            response_timeout: Duration::from_mins(1),
+            idle_timeout: Duration::from_mins(1),
             forwarded_headers: true,
             limits: HeadLimits::default(),
         }

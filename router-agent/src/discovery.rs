@@ -306,7 +306,7 @@ fn container_info(details: ContainerInspectResponse) -> Option<ContainerInfo> {
         docker_health: state
             .health
             .and_then(|h| h.status)
-            .and_then(|s| DockerHealth::from_docker(&s.to_string())),
+            .and_then(|s| DockerHealth::from_docker(s.as_ref())),
     })
 }
 

@@ -1,7 +1,7 @@
 //! The kernel half, from userspace: load `router-ebpf`, attach the stream verdict program to the
 //! sockhash, and hand socket pairs to it.
 //!
-//! Loading can fail for reasons the user may not control (no CAP_BPF, old kernel, locked-down
+//! Loading can fail for reasons the user may not control (no `CAP_BPF`, old kernel, locked-down
 //! host). The router then logs one line saying so and forwards everything in userspace.
 use std::{
     io,
@@ -122,13 +122,12 @@ impl KernelOffload {
         Ok(pair)
     }
 
-    /// What the kernel did so far with the bytes arriving on the socket with this cookie:
-    /// how many it redirected to the peer, and whether it demoted the direction to userspace.
-    pub fn direction(&self, cookie: u64) -> (u64, bool) {
+    /// What the kernel did so far with the bytes arriving on the socket with this cookie: how
+    /// many it redirected to the peer, whether it demoted the direction to userspace, and how
+    /// many it passed to userspace since.
+    pub fn direction(&self, cookie: u64) -> TunnelEntry {
         let maps = self.maps.lock().expect("offload maps lock");
-        maps.tunnels
-            .get(&cookie, 0)
-            .map_or((0, false), |e| (e.bytes_redirected, e.demoted != 0))
+        maps.tunnels.get(&cookie, 0).unwrap_or_default()
     }
 
     /// Tells the verdict program how much of this socket's redirected bytes have left through
@@ -156,7 +155,7 @@ impl KernelOffload {
             .expect("offload maps lock")
             .sockhash
             .keys()
-            .filter(Result::is_ok)
+            .flatten()
             .count()
     }
 }
@@ -184,7 +183,7 @@ where
         .with_context(|| format!("{name} has an unexpected map type"))
 }
 
-/// The kernel's unique id of a socket (SO_COOKIE), the key of every map.
+/// The kernel's unique id of a socket (`SO_COOKIE`), the key of every map.
 pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
     const SO_COOKIE: libc::c_int = 57;
     let mut cookie = 0u64;

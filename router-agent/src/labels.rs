@@ -113,6 +113,11 @@ impl fmt::Display for LabelError {
 }
 
 /// Whether the container carries any label of the routing scheme (and so concerns the router).
+#[expect(
+    clippy::implicit_hasher,
+    reason = "labels always come from the Docker API as a std `HashMap`; a hasher parameter \
+              would only add generics"
+)]
 pub fn is_router_container(labels: &HashMap<String, String>) -> bool {
     labels
         .keys()
@@ -120,6 +125,11 @@ pub fn is_router_container(labels: &HashMap<String, String>) -> bool {
 }
 
 /// Parses a container's labels. `default_domain` completes hosts without a dot.
+#[expect(
+    clippy::implicit_hasher,
+    reason = "labels always come from the Docker API as a std `HashMap`; a hasher parameter \
+              would only add generics"
+)]
 pub fn parse(
     labels: &HashMap<String, String>,
     default_domain: &str,
@@ -220,7 +230,6 @@ pub fn parse(
         }
     }
 
-    drop(fail);
     if routes.is_empty() && errors.is_empty() {
         errors.push(LabelError {
             label: "aliyun.routing.port_<port>".into(),

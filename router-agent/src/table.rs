@@ -4,6 +4,7 @@
 //! swaps it in atomically; the proxy loads the current one per request and never locks.
 use std::{
     borrow::Cow,
+    cmp::Reverse,
     collections::HashMap,
     net::SocketAddr,
     sync::{
@@ -148,7 +149,7 @@ impl RoutingTable {
             }
         }
         for routes in table.http.values_mut() {
-            routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+            routes.sort_by_key(|r| Reverse(r.path.len()));
         }
         table
     }
@@ -183,8 +184,9 @@ impl RoutingTable {
     }
 }
 
+/// Whether the domain is `local` or under it: its last label is `local`.
 pub fn is_internal_domain(domain: &str) -> bool {
-    domain == "local" || domain.ends_with(".local")
+    domain.rsplit('.').next() == Some("local")
 }
 
 /// Host header value -> lower-case domain without port or trailing dot. Allocates only for
@@ -365,5 +367,15 @@ mod tests {
         )]);
         let route = t.lookup(b"s.local", b"/").unwrap();
         assert!(route.select(None, &[]).is_none());
+    }
+
+    #[test]
+    fn internal_domain_suffix() {
+        for domain in ["local", "web.local", "a.b.local", ".local"] {
+            assert!(is_internal_domain(domain), "{domain}");
+        }
+        for domain in ["localhost", "web.locals", "notlocal", "local.com", ""] {
+            assert!(!is_internal_domain(domain), "{domain}");
+        }
     }
 }

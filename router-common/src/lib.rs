@@ -45,6 +45,10 @@ pub struct TunnelEntry {
     /// Non-zero once the backlog bound was hit: from then on the program passes this socket's
     /// bytes to userspace, which forwards them after the redirected ones have drained.
     pub demoted: u64,
+    /// Bytes passed to this socket's own receive queue since the demotion. Passed bytes may sit
+    /// in a kernel work queue for a moment before a read can see them: at EOF, userspace keeps
+    /// reading until it has read this many.
+    pub bytes_passed: u64,
 }
 
 #[cfg(feature = "user")]

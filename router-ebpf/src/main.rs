@@ -58,6 +58,7 @@ fn try_tunnel_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // (the BPF target has no atomic fetch_add in core).
     let entry = unsafe { &mut *entry };
     if entry.demoted != 0 {
+        entry.bytes_passed += u64::from(len);
         return Ok(sk_action::SK_PASS);
     }
     // SAFETY: a plain read of a u64 map value.
@@ -67,6 +68,7 @@ fn try_tunnel_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         // The peer does not keep up: this byte and all after it go to userspace, in order
         // behind what was redirected (userspace waits for that to drain first).
         entry.demoted = 1;
+        entry.bytes_passed += u64::from(len);
         return Ok(sk_action::SK_PASS);
     }
     entry.bytes_redirected += u64::from(len);

@@ -1,6 +1,7 @@
 //! A small, strict HTTP/1.1 client for assertions: one request per connection (Connection:
 //! close), the whole response read until EOF.
 use std::{
+    fmt::Write as _,
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     time::Duration,
@@ -45,7 +46,7 @@ pub fn get(
 ) -> io::Result<Response> {
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (name, value) in extra_headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(request, "{name}: {value}\r\n");
     }
     request.push_str("\r\n");
     exchange(addr, request.as_bytes())
@@ -73,9 +74,8 @@ fn parse(raw: &[u8]) -> io::Result<Response> {
     };
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
-    let head_len = match response.parse(raw) {
-        Ok(httparse::Status::Complete(n)) => n,
-        _ => return Err(bad("no complete response head")),
+    let Ok(httparse::Status::Complete(head_len)) = response.parse(raw) else {
+        return Err(bad("no complete response head"));
     };
     Ok(Response {
         status: response.code.ok_or_else(|| bad("no status"))?,

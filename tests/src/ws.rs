@@ -1,4 +1,4 @@
-//! A minimal WebSocket client (RFC 6455) over a plain TcpStream: enough to drive the test
+//! A minimal WebSocket client (RFC 6455) over a plain `TcpStream`: enough to drive the test
 //! backend's `/ws` echo through the router.
 use std::{
     io::{self, Read as _, Write as _},
@@ -54,11 +54,13 @@ impl WebSocket {
         match payload.len() {
             n if n < 126 => frame.push(0x80 | n as u8),
             n if n <= 0xffff => {
-                frame.push(0x80 | 126);
+                // Length marker 126: a 16-bit length follows.
+                frame.push(0x80 | 0x7e);
                 frame.extend_from_slice(&(n as u16).to_be_bytes());
             }
             n => {
-                frame.push(0x80 | 127);
+                // Length marker 127: a 64-bit length follows.
+                frame.push(0x80 | 0x7f);
                 frame.extend_from_slice(&(n as u64).to_be_bytes());
             }
         }

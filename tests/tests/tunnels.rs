@@ -121,12 +121,11 @@ fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
     );
     drop(stream);
     agent.wait_idle();
-    let kernel = agent.json("/api/routes")["datapath"]["bytes_kernel"]
-        .as_u64()
-        .unwrap();
+    let datapath = agent.json("/api/routes")["datapath"].clone();
+    let kernel = datapath["bytes_kernel"].as_u64().unwrap();
     assert!(
         kernel >= payload.len() as u64,
-        "the kernel carried the upload: {kernel}"
+        "the kernel carried the upload: {datapath}"
     );
 }
 
@@ -233,4 +232,58 @@ fn a_receiver_that_stops_reading_bounds_the_kernel_backlog_and_loses_nothing() {
     }
     sender.join().expect("sender");
     assert_eq!(received, TOTAL, "every byte came back in order, then EOF");
+}
+
+#[test]
+fn eight_concurrent_tunnels_under_load_deliver_every_byte() {
+    let agent = Agent::start(&["--datapath", "sockmap"]);
+    let backend = tcp_backend(&agent);
+    const EACH: u64 = 48 * 1024 * 1024;
+    let workers: Vec<_> = (0..8u64)
+        .map(|seed| {
+            let addr = backend.echo;
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(addr).expect("connect");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .expect("timeout");
+                let mut writer = stream.try_clone().expect("clone");
+                let sender = std::thread::spawn(move || {
+                    let mut pattern = tests::pattern::Pattern::new(seed + 100);
+                    let mut block = vec![0u8; 64 * 1024];
+                    for _ in 0..EACH / block.len() as u64 {
+                        pattern.fill(&mut block);
+                        writer.write_all(&block).expect("send");
+                    }
+                    writer.shutdown(Shutdown::Write).expect("half-close");
+                });
+                let mut pattern = tests::pattern::Pattern::new(seed + 100);
+                let (mut received, mut buf) = (0u64, vec![0u8; 256 * 1024]);
+                loop {
+                    let n = stream.read(&mut buf).expect("read echo");
+                    if n == 0 {
+                        break;
+                    }
+                    assert!(
+                        pattern.matches(&buf[..n]),
+                        "tunnel {seed}: bytes differ at offset {received}"
+                    );
+                    received += n as u64;
+                }
+                sender.join().expect("sender");
+                received
+            })
+        })
+        .collect();
+    for (i, worker) in workers.into_iter().enumerate() {
+        assert_eq!(
+            worker.join().expect("worker"),
+            EACH,
+            "tunnel {i} got every byte before EOF"
+        );
+    }
+    agent.wait_idle();
+    let datapath = agent.json("/api/routes")["datapath"].clone();
+    eprintln!("8 tunnels x 48 MiB each way: {datapath}");
+    assert_eq!(datapath["offloaded_sockets"], 0);
 }

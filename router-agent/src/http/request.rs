@@ -49,6 +49,11 @@ impl Method {
 
 /// What the proxy needs to know about a parsed request. Ranges index the input buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each bool is an independent fact of the request head (version, keep-alive, upgrade, \
+              expect), not states of one machine"
+)]
 pub struct RequestHead {
     pub method: Method,
     pub http10: bool,
@@ -132,17 +137,17 @@ pub fn parse(
     let path = range_in(buf, path);
 
     let body = match (facts.transfer_encoding, facts.content_length) {
-        (Some(_), Some(_)) => {
+        (true, Some(_)) => {
             return Err(Reject::BadRequest(
                 "both Content-Length and Transfer-Encoding",
             ));
         }
-        (Some(_), None) if http10 => {
+        (true, None) if http10 => {
             return Err(Reject::BadRequest(
                 "Transfer-Encoding in an HTTP/1.0 request",
             ));
         }
-        (Some(_), None) => {
+        (true, None) => {
             let chunked = check_transfer_codings(
                 req.headers
                     .iter()
@@ -156,8 +161,8 @@ pub fn parse(
             }
             BodyFraming::Chunked
         }
-        (None, Some(0)) | (None, None) => BodyFraming::None,
-        (None, Some(n)) => BodyFraming::Length(n),
+        (false, Some(0) | None) => BodyFraming::None,
+        (false, Some(n)) => BodyFraming::Length(n),
     };
     let keep_alive = if http10 {
         facts.connection_keep_alive && !facts.connection_close
@@ -184,10 +189,15 @@ pub fn parse(
 
 /// What the header section says, gathered in one pass.
 #[derive(Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one flag per header or Connection token seen; they combine freely, so no enum or \
+              state machine fits"
+)]
 struct HeaderFacts {
     host: Option<Range<usize>>,
     content_length: Option<u64>,
-    transfer_encoding: Option<()>,
+    transfer_encoding: bool,
     connection_close: bool,
     connection_keep_alive: bool,
     connection_upgrade: bool,
@@ -224,7 +234,7 @@ impl HeaderFacts {
                         .ok_or(Reject::BadRequest("invalid Content-Length"))?,
                 );
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                facts.transfer_encoding = Some(());
+                facts.transfer_encoding = true;
             } else if name.eq_ignore_ascii_case("connection") {
                 for token in list_tokens(header.value) {
                     if token.eq_ignore_ascii_case(b"close") {

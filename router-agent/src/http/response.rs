@@ -152,9 +152,9 @@ fn write_client_head(
         .collect();
     for header in res.headers.iter() {
         let keep_upgrade = head.status == 101 && header.name.eq_ignore_ascii_case("upgrade");
-        if (is_hop_by_hop(header.name) && !keep_upgrade)
-            || (!keep_upgrade
-                && connection_options
+        if !keep_upgrade
+            && (is_hop_by_hop(header.name)
+                || connection_options
                     .iter()
                     .any(|o| o.eq_ignore_ascii_case(header.name.as_bytes())))
         {

@@ -212,7 +212,7 @@ impl Connection {
         let mut tried = Tried::default();
         loop {
             let Some((selection, mut upstream)) =
-                upstream::connect_next(&route, sticky.get(), &mut tried, &self.ctx, Reuse::Pooled)
+                upstream::connect_next(route, sticky.get(), &mut tried, &self.ctx, Reuse::Pooled)
                     .await
             else {
                 self.answer(503).await;
@@ -418,7 +418,8 @@ impl RequestExchange<'_> {
         self.upstream.buf.advance(response.head_len);
 
         if response.status == 101 {
-            drop((client_read, client_write, backend_read, backend_write));
+            // The split halves are not used past this point, so their borrows of both
+            // sockets end here and the sockets can move into the tunnel.
             let path = self.ctx.tunnel_path(*self.spliced);
             upgrade_to_tunnel(self.client, self.client_buf, self.upstream, path, self.ctx).await;
             return Attempt::Done {

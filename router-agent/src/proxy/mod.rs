@@ -70,7 +70,7 @@ pub async fn maintain_pool(ctx: Arc<ProxyContext>) {
 }
 
 /// Binds a listening socket with a deep backlog (bursts of new connections are normal for a
-/// router) and SO_REUSEADDR (restarts must not wait out TIME_WAIT).
+/// router) and `SO_REUSEADDR` (restarts must not wait out `TIME_WAIT`).
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),

@@ -93,16 +93,17 @@ pub async fn transfer(
     counter: &AtomicU64,
 ) -> Result<u64, SpliceError> {
     let pipe = pipes.get().map_err(SpliceError::Source)?;
-    let mut state = Transfer {
-        pipe: &pipe,
-        in_pipe: 0,
-        remaining: len,
-        moved: 0,
-        eof: false,
+    let (result, empty) = {
+        let mut state = Transfer {
+            pipe: &pipe,
+            in_pipe: 0,
+            remaining: len,
+            moved: 0,
+            eof: false,
+        };
+        let result = state.run(src, dst, counter).await;
+        (result, state.in_pipe == 0)
     };
-    let result = state.run(src, dst, counter).await;
-    let empty = state.in_pipe == 0;
-    drop(state);
     if result.is_ok() && empty {
         pipes.put(pipe);
     }

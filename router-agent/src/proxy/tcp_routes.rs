@@ -24,7 +24,6 @@ pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
     let mut shutdown = ctx.shutdown.clone();
     loop {
         let wanted: HashSet<u16> = ctx.published.table.load().tcp_ports().collect();
-        tracing::debug!(?wanted, "tcp route ports");
         listeners.retain(|port, tasks| {
             let keep = wanted.contains(port);
             if !keep {
@@ -37,7 +36,7 @@ pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
             if listeners.contains_key(&port) {
                 continue;
             }
-            let tasks = addresses
+            let tasks: Vec<_> = addresses
                 .iter()
                 .filter_map(|ip| match bind(SocketAddr::new(*ip, port)) {
                     Ok(listener) => Some(tokio::spawn(accept_loop(listener, port, ctx.clone()))),
@@ -47,7 +46,11 @@ pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
                     }
                 })
                 .collect();
-            info!("tcp route port {port}: listening");
+            if !tasks.is_empty() {
+                info!("tcp route port {port}: listening");
+            }
+            // Kept even when empty: binding again on every table change would repeat the
+            // warning; the port is retried when its route goes away and comes back.
             listeners.insert(port, tasks);
         }
         tokio::select! {

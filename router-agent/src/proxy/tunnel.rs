@@ -49,9 +49,9 @@ impl ProxyContext {
         use crate::config::DatapathMode as Mode;
         match self.datapath {
             Mode::Copy => TunnelPath::Copy,
-            Mode::Splice => TunnelPath::Splice,
             Mode::Sockmap | Mode::Auto if self.offload.is_some() && !spliced => TunnelPath::Kernel,
-            Mode::Sockmap | Mode::Auto => TunnelPath::Splice,
+            // Asked for, or the fallback when the kernel path is unavailable for this socket.
+            Mode::Splice | Mode::Sockmap | Mode::Auto => TunnelPath::Splice,
         }
     }
 }
@@ -157,6 +157,7 @@ async fn kernel(
         ended: &up_ended,
         from_shut: &down_ended,
         in_userspace: false,
+        passed_read: 0,
     };
     let down = Direction {
         from: backend,
@@ -166,12 +167,13 @@ async fn kernel(
         ended: &down_ended,
         from_shut: &up_ended,
         in_userspace: false,
+        passed_read: 0,
     };
     let (up, down) = (up.run(offload, metrics), down.run(offload, metrics));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let mut ended_by_reset = false;
-    while !ended_by_reset && !(up_done && down_done) {
+    while !(ended_by_reset || (up_done && down_done)) {
         tokio::select! {
             step = &mut up, if !up_done => {
                 up_done = true;
@@ -215,6 +217,8 @@ struct Direction<'a> {
     /// The verdict program passes this direction's bytes to userspace now (it was demoted: the
     /// peer did not keep up), and userspace forwards them.
     in_userspace: bool,
+    /// Bytes userspace read from `from` (all of them passed by the program).
+    passed_read: u64,
 }
 
 impl Direction<'_> {
@@ -291,11 +295,18 @@ impl Direction<'_> {
     /// queue, unjudged (a receive call that reports EOF does not judge them all). Keep calling
     /// receive until the queue is empty, so every byte was redirected before the FIN is passed
     /// on.
+    ///
+    /// Likewise bytes the program passed (after a demotion) may still sit in a kernel work
+    /// queue on their way to the socket's own queue while a read already reports EOF: keep
+    /// reading until every passed byte was read.
     async fn judge_queued(&mut self, offload: &KernelOffload, metrics: &Metrics) -> io::Result<()> {
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         let fd = self.from.as_raw_fd();
         let mut buf = vec![0u8; 64 * 1024];
-        while unread_bytes(fd) > 0 && Instant::now() < deadline {
+        while (unread_bytes(fd) > 0
+            || self.passed_read < offload.direction(self.from_cookie).bytes_passed)
+            && Instant::now() < deadline
+        {
             match recv(fd, &mut buf) {
                 Ok(n) if n > 0 => self.forward_passed(&buf[..n], offload, metrics).await?,
                 Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
@@ -318,7 +329,7 @@ impl Direction<'_> {
     ) -> io::Result<()> {
         if !self.in_userspace {
             self.in_userspace = true;
-            if offload.direction(self.from_cookie).1 {
+            if offload.direction(self.from_cookie).demoted != 0 {
                 Metrics::add(&metrics.tunnels_demoted, 1);
                 debug!(
                     cookie = self.from_cookie,
@@ -332,6 +343,7 @@ impl Direction<'_> {
                 ));
             }
         }
+        self.passed_read += bytes.len() as u64;
         Metrics::add(&metrics.bytes_copied, bytes.len() as u64);
         write_all(self.to, bytes).await
     }
@@ -344,7 +356,7 @@ impl Direction<'_> {
         let mut last_sent = 0;
         let mut last_progress = Instant::now();
         loop {
-            let (redirected, _) = offload.direction(self.from_cookie);
+            let redirected = offload.direction(self.from_cookie).bytes_redirected;
             let sent = bytes_written(to).saturating_sub(self.to_base);
             if sent >= redirected {
                 return true;
@@ -440,7 +452,7 @@ fn shutdown_write(socket: &TcpStream) {
     let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
 }
 
-/// Makes the close of this socket send a reset (SO_LINGER 0).
+/// Makes the close of this socket send a reset (`SO_LINGER` 0).
 fn reset(socket: &TcpStream) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }

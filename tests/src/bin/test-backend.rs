@@ -387,8 +387,15 @@ fn tcp_echo(mut stream: TcpStream) -> io::Result<()> {
 /// peer half-closes too; dropping the stream then closes it. The server's FIN goes out before the
 /// client has sent anything, so a proxy in between must keep the client-to-server direction open
 /// after passing that FIN on. Blocking reads without a timeout, as in `tcp_echo`.
+/// How long the greeter waits after accepting before it speaks.
+const GREETER_DELAY: Duration = Duration::from_millis(300);
+
 fn tcp_greeter(mut stream: TcpStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
+    // A moment first: a proxy in front gets to finish setting up its side (an established
+    // socket can go into a sockmap, one the peer already half-closed cannot), so the half-close
+    // travels through the proxy's steady-state path.
+    thread::sleep(GREETER_DELAY);
     stream.write_all(GREETING)?;
     stream.shutdown(Shutdown::Write)?;
     let mut buf = vec![0u8; TCP_ECHO_BUFFER];
