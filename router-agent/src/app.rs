@@ -71,9 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut route_addresses: Vec<_> = config.listen.iter().map(std::net::SocketAddr::ip).collect();
     route_addresses.dedup();
     tokio::spawn(proxy::serve_tcp_routes(ctx.clone(), route_addresses));
-    for addr in &config.listen {
-        tokio::spawn(proxy::serve(proxy::bind(*addr)?, ctx.clone()));
-    }
+    proxy::spawn_workers(&ctx, &config.listen, config.workers)?;
     let admin = admin::AdminState { proxy: ctx.clone() };
     tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
 

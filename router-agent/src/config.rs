@@ -60,6 +60,9 @@ pub struct Cli {
     /// Log line format [default: text].
     #[arg(long, env = "ROUTER_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// HTTP worker threads, each with its own listening socket [default: one per CPU].
+    #[arg(long, env = "ROUTER_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 /// The TOML file: the flags' names with underscores, plus tuning knobs.
@@ -73,6 +76,7 @@ struct FileConfig {
     default_domain: Option<String>,
     datapath: Option<DatapathMode>,
     log_format: Option<LogFormat>,
+    workers: Option<usize>,
     connect_timeout_ms: Option<u64>,
     header_timeout_ms: Option<u64>,
     response_timeout_ms: Option<u64>,
@@ -120,6 +124,8 @@ pub struct Config {
     pub default_domain: String,
     pub datapath: DatapathMode,
     pub log_format: LogFormat,
+    /// HTTP worker threads.
+    pub workers: usize,
     pub proxy: ProxySettings,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
@@ -157,6 +163,10 @@ impl Config {
                 .unwrap_or_else(|| "local".into()),
             datapath: cli.datapath.or(file.datapath).unwrap_or_default(),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            workers: cli
+                .workers
+                .or(file.workers)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
             proxy: ProxySettings {
                 connect_timeout: ms(file.connect_timeout_ms, defaults.connect_timeout),
                 header_timeout: ms(file.header_timeout_ms, defaults.header_timeout),
@@ -185,6 +195,9 @@ impl Config {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         {
             bail!("--default-domain {domain:?}: use a lower-case DNS suffix such as `local`");
+        }
+        if self.workers == 0 || self.workers > 256 {
+            bail!("--workers {}: use 1 to 256 threads", self.workers);
         }
         if self.proxy.limits.max_request_line > self.proxy.limits.max_head {
             bail!("max_request_line_bytes must not exceed max_head_bytes");

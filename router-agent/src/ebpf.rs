@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, SockHash},
     programs::SkSkb,
 };
@@ -43,11 +43,15 @@ pub struct OffloadedPair {
 
 impl KernelOffload {
     pub fn load() -> anyhow::Result<Self> {
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/router"
-        )))
-        .context("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+        // No kernel BTF: the program uses no CO-RE relocations, and parsing the kernel's BTF
+        // would add tens of MiB to the agent's peak memory for nothing.
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/router"
+            )))
+            .context("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
         let sockhash: SockHash<MapData, u64> = take_map(&mut ebpf, maps::SOCKHASH)?;
         let peers: SockHash<MapData, u64> = take_map(&mut ebpf, maps::PEERS)?;
         let tunnels: HashMap<MapData, u64, TunnelEntry> = take_map(&mut ebpf, maps::TUNNELS)?;

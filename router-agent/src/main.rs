@@ -14,7 +14,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    // This runtime carries the control plane (discovery, probes, admin API) and tunnels; HTTP
+    // requests run on the worker threads `app::run` starts.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {

@@ -48,6 +48,10 @@ fn build_nginx() -> anyhow::Result<()> {
         "usr/share/nginx/html/index.html",
         "<!DOCTYPE html>\n<html><body><h1>Welcome to nginx!</h1></body></html>\n",
     )?;
+    // Fixed-size bodies for `cargo xtask bench` (the name is the size).
+    for (name, len) in BENCH_BODIES {
+        fs.add_file(&format!("usr/share/nginx/html/{name}"), &bench_body(*len))?;
+    }
     fs.add_dir("var/log/nginx")?;
     fs.add_dir("var/lib/nginx")?;
     fs.import(
@@ -61,6 +65,32 @@ fn build_nginx() -> anyhow::Result<()> {
             "/etc/nginx/nginx.conf",
         ],
     )
+}
+
+/// The benchmark's response bodies in the nginx image: file name and exact size in bytes.
+pub const BENCH_BODIES: &[(&str, usize)] = &[
+    ("100b", 100),
+    ("4k", 4 * 1024),
+    ("16k", 16 * 1024),
+    ("64k", 64 * 1024),
+    ("256k", 256 * 1024),
+    ("1m", 1024 * 1024),
+];
+
+/// `len` bytes of printable text: lines of a repeating alphabet, ending with a newline.
+fn bench_body(len: usize) -> String {
+    const LINE: &[u8; 64] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-\n";
+    let mut body: String = LINE
+        .iter()
+        .cycle()
+        .take(len)
+        .map(|&b| char::from(b))
+        .collect();
+    if len > 0 {
+        body.pop();
+        body.push('\n');
+    }
+    body
 }
 
 const NGINX_CONF: &str = "daemon off;

@@ -2,6 +2,7 @@
 //!
 //! Every workflow starts with the idempotent `setup` so that one command works on a bare machine:
 //! it installs what is missing and does nothing when all is present.
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -39,6 +40,30 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Benchmark router-agent (each --datapath mode) against haproxy (configured as acsrouting
+    /// was), nginx as a reverse proxy, and no proxy at all, side by side on this machine; writes
+    /// a Markdown table and an SVG chart under results/. A report, never a pass/fail test.
+    Bench {
+        /// Measured runs per contender and scenario (contenders interleaved; medians shown).
+        /// Default 3 (1 with --quick).
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Seconds per measured wrk run (after a 1 s warm-up). Default 5 (2 with --quick).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Only these scenarios, comma-separated: small-keepalive, small-new-connection, 16k,
+        /// 1m, tunnel (with --splice-sweep: sweep-4k, sweep-16k, sweep-64k, sweep-256k,
+        /// sweep-1m).
+        #[arg(long, value_delimiter = ',')]
+        scenarios: Vec<String>,
+        /// Smoke run: 1 round of 2 s per contender.
+        #[arg(long)]
+        quick: bool,
+        /// Instead of the comparison: router --datapath copy vs splice for bodies of 4 KiB to
+        /// 1 MiB, to choose the splice threshold.
+        #[arg(long)]
+        splice_sweep: bool,
+    },
     /// Run each cargo-fuzz target of router-agent (HTTP request and response heads, chunked
     /// bodies) for a bounded time; fails naming the target and the saved input on a crash.
     Fuzz {
@@ -59,6 +84,22 @@ fn main() -> anyhow::Result<()> {
         Command::Test { args } => {
             setup::run()?;
             build::test(&args)
+        }
+        Command::Bench {
+            rounds,
+            duration,
+            scenarios,
+            quick,
+            splice_sweep,
+        } => {
+            setup::run()?;
+            bench::run(&bench::Options {
+                rounds,
+                duration,
+                scenarios,
+                quick,
+                splice_sweep,
+            })
         }
         Command::Fuzz { seconds } => {
             setup::run()?;

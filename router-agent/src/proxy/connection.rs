@@ -208,6 +208,13 @@ impl Connection {
         }
         let sticky = StickyId::new(head.sticky_id.clone().map(|r| &self.buf[r]));
         self.buf.advance(head.head_len);
+        // A small body that arrived whole with its head leaves with it, in one write (and goes
+        // again, whole, if the request is retried).
+        let request_body = if coalesce_body(head.body, &mut self.buf, &mut self.request_head) {
+            BodyFraming::None
+        } else {
+            head.body
+        };
 
         let mut tried = Tried::default();
         loop {
@@ -222,7 +229,10 @@ impl Connection {
             backend.stats.requests.fetch_add(1, Ordering::Relaxed);
             let set_sticky =
                 (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
-            match self.attempt(head, &mut upstream, set_sticky).await {
+            match self
+                .attempt(head, request_body, &mut upstream, set_sticky)
+                .await
+            {
                 Attempt::Done { next, keep_backend } => {
                     if keep_backend {
                         upstream.reused = true;
@@ -253,6 +263,7 @@ impl Connection {
     async fn attempt(
         &mut self,
         head: &RequestHead,
+        request_body: BodyFraming,
         upstream: &mut Upstream,
         set_sticky: Option<&str>,
     ) -> Attempt {
@@ -283,7 +294,7 @@ impl Connection {
             spliced: &mut self.spliced,
             response_timeout: self.ctx.settings.response_timeout,
         };
-        exchange.run(head, &client_side).await
+        exchange.run(head, request_body, &client_side).await
     }
 }
 
@@ -318,7 +329,14 @@ enum RequestBody {
 }
 
 impl RequestExchange<'_> {
-    async fn run(self, head: &RequestHead, client_side: &ClientSide<'_>) -> Attempt {
+    /// `request_body` is what is left of the request body to relay (nothing when it went out
+    /// with the head).
+    async fn run(
+        self,
+        head: &RequestHead,
+        request_body: BodyFraming,
+        client_side: &ClientSide<'_>,
+    ) -> Attempt {
         let resendable = head.body == BodyFraming::None && head.method.is_idempotent();
         let (mut client_read, mut client_write) = self.client.split();
         let (mut backend_read, mut backend_write) = self.upstream.stream.split();
@@ -328,7 +346,7 @@ impl RequestExchange<'_> {
         // early without reading the body at all.
         let outcome = {
             let body = body::relay(
-                head.body,
+                request_body,
                 &mut client_read,
                 self.client_buf,
                 &mut backend_write,
@@ -345,7 +363,7 @@ impl RequestExchange<'_> {
             );
             let mut body = pin!(body);
             let mut response = pin!(response);
-            let mut body_done = head.body == BodyFraming::None;
+            let mut body_done = request_body == BodyFraming::None;
             loop {
                 tokio::select! {
                     result = &mut body, if !body_done => match result {
@@ -411,11 +429,16 @@ impl RequestExchange<'_> {
         };
 
         self.metrics.response(response.status);
+        self.upstream.buf.advance(response.head_len);
+        // A small body that arrived whole with its head leaves with it: one read, one write.
+        let mut response_body = response.body;
+        if coalesce_body(response_body, &mut self.upstream.buf, self.response_head) {
+            response_body = BodyFraming::None;
+        }
         if client_write.write_all(self.response_head).await.is_err() {
             return Attempt::Abort;
         }
         Metrics::add(&self.metrics.bytes_copied, self.response_head.len() as u64);
-        self.upstream.buf.advance(response.head_len);
 
         if response.status == 101 {
             // The split halves are not used past this point, so their borrows of both
@@ -428,7 +451,7 @@ impl RequestExchange<'_> {
             };
         }
         match body::relay(
-            response.body,
+            response_body,
             &mut backend_read,
             &mut self.upstream.buf,
             &mut client_write,
@@ -549,6 +572,24 @@ async fn upgrade_to_tunnel(
         }
     }
     tunnel::run(client, &mut upstream.stream, path, ctx).await;
+}
+
+/// Bodies up to this size that are already buffered go out in the same write as their head.
+const COALESCE_LIMIT: u64 = 64 * 1024;
+
+/// Moves a small `Content-Length` body that is entirely in `buf` to the end of `head`, so that
+/// both leave in one write. Returns whether it did.
+fn coalesce_body(framing: BodyFraming, buf: &mut BytesMut, head: &mut Vec<u8>) -> bool {
+    let BodyFraming::Length(n) = framing else {
+        return false;
+    };
+    if n > COALESCE_LIMIT || (buf.len() as u64) < n {
+        return false;
+    }
+    let n = n as usize;
+    head.extend_from_slice(&buf[..n]);
+    buf.advance(n);
+    true
 }
 
 /// The `CONTAINERID` cookie value, copied out of the read buffer (container ids are 64 hex

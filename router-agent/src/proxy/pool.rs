@@ -6,9 +6,9 @@
 //! idle longer than the idle limit are closed when next seen (backends close idle connections on
 //! their own schedule, and a stale one costs a failed write).
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -22,21 +22,29 @@ use crate::{
 const MAX_IDLE_PER_BACKEND: usize = 64;
 /// Below the keep-alive timeouts of common servers (nginx 75 s, many apps 30 s or more).
 const MAX_IDLE_TIME: Duration = Duration::from_secs(20);
-
-type Key = (Arc<str>, SocketAddr);
+/// A connection idle for less than this is taken without first asking the socket whether the
+/// backend closed it (one syscall per request saved under load); a backend closing a kept-alive
+/// connection this soon is rare, and the request is then retried as for any stale connection.
+const FRESH: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Vec<(Upstream, Instant)>>>,
+    /// Keyed by backend address; each connection also remembers its container, which is checked
+    /// on the way out (a new container may reuse the address).
+    idle: Mutex<HashMap<SocketAddr, Vec<(Upstream, Instant)>>>,
 }
 
 impl Pool {
     /// An idle connection to this backend that still looks open, most recently used first.
     pub fn take(&self, backend: &Backend) -> Option<Upstream> {
         let mut idle = self.idle.lock().expect("pool lock");
-        let list = idle.get_mut(&(backend.container_id.clone(), backend.addr))?;
+        let list = idle.get_mut(&backend.addr)?;
         while let Some((upstream, since)) = list.pop() {
-            if since.elapsed() < MAX_IDLE_TIME && upstream.is_idle_and_open() {
+            let idle_for = since.elapsed();
+            if upstream.container_id != backend.container_id || idle_for >= MAX_IDLE_TIME {
+                continue;
+            }
+            if idle_for < FRESH || upstream.is_idle_and_open() {
                 return Some(upstream);
             }
         }
@@ -44,9 +52,8 @@ impl Pool {
     }
 
     pub fn put(&self, upstream: Upstream) {
-        let key = (upstream.container_id.clone(), upstream.addr);
         let mut idle = self.idle.lock().expect("pool lock");
-        let list = idle.entry(key).or_default();
+        let list = idle.entry(upstream.addr).or_default();
         if list.len() < MAX_IDLE_PER_BACKEND {
             list.push((upstream, Instant::now()));
         }
@@ -54,7 +61,7 @@ impl Pool {
 
     /// Closes idle connections to backends that are gone or no longer `up` in `table`.
     pub fn retain_up(&self, table: &RoutingTable) {
-        let up: std::collections::HashSet<(&str, SocketAddr)> = table
+        let up: HashSet<(&str, SocketAddr)> = table
             .routes()
             .into_iter()
             .flat_map(|r| r.backends.iter())
@@ -62,7 +69,10 @@ impl Pool {
             .map(|b| (&*b.container_id, b.addr))
             .collect();
         let mut idle = self.idle.lock().expect("pool lock");
-        idle.retain(|(id, addr), _| up.contains(&(&**id, *addr)));
+        for (addr, list) in idle.iter_mut() {
+            list.retain(|(upstream, _)| up.contains(&(&*upstream.container_id, *addr)));
+        }
+        idle.retain(|_, list| !list.is_empty());
     }
 
     /// Idle connections held for this backend, for the admin API.
@@ -70,7 +80,11 @@ impl Pool {
         self.idle
             .lock()
             .expect("pool lock")
-            .get(&(backend.container_id.clone(), backend.addr))
-            .map_or(0, Vec::len)
+            .get(&backend.addr)
+            .map_or(0, |list| {
+                list.iter()
+                    .filter(|(u, _)| u.container_id == backend.container_id)
+                    .count()
+            })
     }
 }

@@ -1,0 +1,539 @@
+//! The contenders: what answers wrk on 127.0.0.1 (or, for `direct`, a backend itself), each
+//! started fresh for one measured run and stopped after it, one at a time.
+//!
+//! - `direct`: no proxy; wrk talks to one nginx replica (the physical limit).
+//! - `haproxy`: Debian's `HAProxy` 2.6 configured as acsrouting was (Host ACL, inserted
+//!   `CONTAINERID` cookie, `option splice-auto`).
+//! - `nginx`: the host's nginx as a reverse proxy with a keep-alive upstream.
+//! - `router-<mode>`: this workspace's release agent with `--datapath <mode>`.
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{backends::Backends, json, system};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contender {
+    Direct,
+    Haproxy,
+    Nginx,
+    Router(Datapath),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datapath {
+    Copy,
+    Splice,
+    Sockmap,
+    Auto,
+}
+
+impl Datapath {
+    fn flag(self) -> &'static str {
+        match self {
+            Datapath::Copy => "copy",
+            Datapath::Splice => "splice",
+            Datapath::Sockmap => "sockmap",
+            Datapath::Auto => "auto",
+        }
+    }
+}
+
+impl Contender {
+    pub fn name(self) -> String {
+        match self {
+            Contender::Direct => "direct".into(),
+            Contender::Haproxy => "haproxy".into(),
+            Contender::Nginx => "nginx".into(),
+            Contender::Router(mode) => format!("router-{}", mode.flag()),
+        }
+    }
+
+    pub fn is_router(self) -> bool {
+        matches!(self, Contender::Router(_))
+    }
+}
+
+/// What the contender forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Tunnel,
+}
+
+/// Byte counters of the router's data path (`/api/routes` → `datapath`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DatapathCounters {
+    pub copied: f64,
+    pub spliced: f64,
+    pub kernel: f64,
+}
+
+impl DatapathCounters {
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            copied: self.copied - earlier.copied,
+            spliced: self.spliced - earlier.spliced,
+            kernel: self.kernel - earlier.kernel,
+        }
+    }
+}
+
+/// Where the contenders find their programs and write their files.
+pub struct Setup<'a> {
+    pub backends: &'a Backends,
+    /// Scratch directory for configurations and logs (`results/tmp`).
+    pub tmp: &'a Path,
+    pub agent: &'a Path,
+    /// How to enable nginx's stream module, or why it cannot be.
+    pub nginx_stream: &'a Result<String, String>,
+}
+
+/// The file that names the running contender's pid, for the cleanup watchdog.
+pub fn pid_file(tmp: &Path) -> PathBuf {
+    tmp.join("contender.pid")
+}
+
+/// A started contender; stopped when dropped.
+pub struct Running {
+    /// Where wrk or the tunnel client connects.
+    pub target: SocketAddr,
+    child: Option<Child>,
+    admin: Option<SocketAddr>,
+    log: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+}
+
+impl Running {
+    /// Peak RSS of the proxy's processes (`VmHWM`, workers included); `None` for `direct`.
+    pub fn peak_rss(&self) -> Option<u64> {
+        self.child
+            .as_ref()
+            .and_then(|c| system::peak_rss_tree(c.id()))
+    }
+
+    /// The router's data path counters; `None` for other contenders.
+    pub fn counters(&self) -> anyhow::Result<Option<DatapathCounters>> {
+        let Some(admin) = self.admin else {
+            return Ok(None);
+        };
+        let routes = json::parse(&admin_get(admin, "/api/routes")?)?;
+        let datapath = routes
+            .get("datapath")
+            .context("no `datapath` in /api/routes")?;
+        let counter = |key: &str| datapath.get(key).and_then(json::Value::as_f64);
+        Ok(Some(DatapathCounters {
+            copied: counter("bytes_copied").unwrap_or(0.0),
+            spliced: counter("bytes_spliced").unwrap_or(0.0),
+            kernel: counter("bytes_kernel").unwrap_or(0.0),
+        }))
+    }
+
+    /// Fails, with the end of the contender's log, if it has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            bail!("exited ({status}){}", log_tail(self.log.as_deref()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            system::stop(child, "TERM", Duration::from_secs(5));
+        }
+        if let Some(pid_file) = &self.pid_file {
+            let _ = fs::remove_file(pid_file);
+        }
+    }
+}
+
+pub fn start(
+    contender: Contender,
+    protocol: Protocol,
+    setup: &Setup<'_>,
+) -> anyhow::Result<Running> {
+    let backends = setup.backends;
+    match contender {
+        Contender::Direct => Ok(Running {
+            target: match protocol {
+                Protocol::Http => {
+                    let replica = backends.replicas.first().context("no nginx replica")?;
+                    SocketAddr::from((replica.ip, 80))
+                }
+                Protocol::Tunnel => backends.echo.as_ref().context("no echo container")?.addr(),
+            },
+            child: None,
+            admin: None,
+            log: None,
+            pid_file: None,
+        }),
+        Contender::Haproxy => start_haproxy(protocol, setup),
+        Contender::Nginx => start_nginx(protocol, setup),
+        Contender::Router(mode) => start_router(mode, protocol, setup),
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Spawns `command` with its output in `log`, then waits for `target` to accept connections.
+fn spawn(
+    mut command: Command,
+    log: PathBuf,
+    target: SocketAddr,
+    what: &str,
+) -> anyhow::Result<Running> {
+    let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("could not start {what}; `cargo xtask setup` installs it"))?;
+    let pid_file = pid_file(log.parent().context("log path has a parent")?);
+    fs::write(&pid_file, child.id().to_string())
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    let mut running = Running {
+        target,
+        child: Some(child),
+        admin: None,
+        log: Some(log),
+        pid_file: Some(pid_file),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        running
+            .check_alive()
+            .with_context(|| format!("{what} did not start"))?;
+        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+            return Ok(running);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what} does not listen on {target} after 10 s{}",
+                log_tail(running.log.as_deref())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_haproxy(protocol: Protocol, setup: &Setup<'_>) -> anyhow::Result<Running> {
+    let port = system::free_port()?;
+    let config = haproxy_config(protocol, port, setup.backends)?;
+    let path = setup.tmp.join("haproxy.cfg");
+    fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    let mut command = Command::new("/usr/sbin/haproxy");
+    command.arg("-db").arg("-f").arg(&path);
+    spawn(
+        command,
+        setup.tmp.join("haproxy.log"),
+        loopback(port),
+        "haproxy",
+    )
+}
+
+/// `HAProxy` as acsrouting configured it: HTTP mode, Host ACLs, sticky cookie, splice-auto.
+fn haproxy_config(protocol: Protocol, port: u16, backends: &Backends) -> anyhow::Result<String> {
+    let mut cfg = format!(
+        "global\n    nbthread 2\n    maxconn {}\n\n\
+         defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    \
+         timeout server 60s\n\n",
+        haproxy_maxconn()
+    );
+    match protocol {
+        Protocol::Http => {
+            let domain = &backends.domain;
+            let _ = write!(
+                cfg,
+                "frontend bench_http\n    bind 127.0.0.1:{port}\n    \
+                 acl host_bench hdr(host) -i {domain}\n    use_backend bench_servers if host_bench\n\n\
+                 backend bench_servers\n    balance roundrobin\n    \
+                 cookie CONTAINERID insert indirect nocache\n    option splice-auto\n    \
+                 option http-keep-alive\n"
+            );
+            if backends.replicas.is_empty() {
+                bail!("no nginx replicas to configure HAProxy with");
+            }
+            for (i, replica) in backends.replicas.iter().enumerate() {
+                let _ = writeln!(
+                    cfg,
+                    "    server s{} {}:80 cookie {}",
+                    i + 1,
+                    replica.ip,
+                    replica.id
+                );
+            }
+        }
+        Protocol::Tunnel => {
+            let echo = backends.echo.as_ref().context("no echo container")?;
+            let _ = write!(
+                cfg,
+                "frontend bench_tunnel\n    mode tcp\n    bind 127.0.0.1:{port}\n    \
+                 option splice-auto\n    default_backend bench_echo\n\n\
+                 backend bench_echo\n    mode tcp\n    option splice-auto\n    server echo {}\n",
+                echo.addr()
+            );
+        }
+    }
+    Ok(cfg)
+}
+
+/// `maxconn 20000` as acsrouting had, unless the open-files limit is too low for it: `HAProxy`
+/// needs about two descriptors per connection (plus its own) and refuses to start without them.
+pub fn haproxy_maxconn() -> u64 {
+    system::open_files_hard_limit().map_or(HAPROXY_MAXCONN, |limit| {
+        HAPROXY_MAXCONN.min(limit.saturating_sub(1000) / 3)
+    })
+}
+
+const HAPROXY_MAXCONN: u64 = 20_000;
+
+fn start_nginx(protocol: Protocol, setup: &Setup<'_>) -> anyhow::Result<Running> {
+    let prefix = setup.tmp.join("nginx");
+    fs::create_dir_all(&prefix).with_context(|| format!("creating {}", prefix.display()))?;
+    let port = system::free_port()?;
+    let config = nginx_config(protocol, port, &prefix, setup)?;
+    let conf = prefix.join("nginx.conf");
+    fs::write(&conf, config).with_context(|| format!("writing {}", conf.display()))?;
+    let mut command = Command::new("/usr/sbin/nginx");
+    command
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(prefix.join("error.log"));
+    spawn(
+        command,
+        setup.tmp.join("nginx.log"),
+        loopback(port),
+        "nginx",
+    )
+}
+
+/// nginx as a reverse proxy: `worker_processes 2`, a keep-alive upstream of both replicas, and
+/// the Host header routed by `server_name` (anything else gets 404, like `HAProxy`'s ACL).
+fn nginx_config(
+    protocol: Protocol,
+    port: u16,
+    prefix: &Path,
+    setup: &Setup<'_>,
+) -> anyhow::Result<String> {
+    let prefix = prefix.to_str().context("non-UTF-8 results path")?;
+    let backends = setup.backends;
+    let load_module = match (protocol, setup.nginx_stream) {
+        (Protocol::Tunnel, Ok(line)) => line.as_str(),
+        (Protocol::Tunnel, Err(reason)) => bail!("nginx cannot proxy raw TCP here: {reason}"),
+        (Protocol::Http, _) => "",
+    };
+    let nofile = system::open_files_hard_limit().unwrap_or(65536);
+    let connections = nofile / 2;
+    let mut cfg = format!(
+        "{load_module}\ndaemon off;\nmaster_process on;\nuser root;\nworker_processes 2;\n\
+         worker_rlimit_nofile {nofile};\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n\
+         events {{ worker_connections {connections}; }}\n"
+    );
+    match protocol {
+        Protocol::Http => {
+            let servers = backends.replicas.iter().fold(String::new(), |mut out, r| {
+                let _ = writeln!(out, "        server {}:80;", r.ip);
+                out
+            });
+            let domain = &backends.domain;
+            let _ = write!(
+                cfg,
+                "http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream bench_servers {{
+{servers}        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} default_server;
+        return 404;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name {domain};
+        location / {{
+            proxy_pass http://bench_servers;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+"
+            );
+        }
+        Protocol::Tunnel => {
+            let echo = backends.echo.as_ref().context("no echo container")?;
+            let _ = write!(
+                cfg,
+                "stream {{\n    upstream bench_echo {{ server {}; }}\n    server {{\n        \
+                 listen 127.0.0.1:{port};\n        proxy_pass bench_echo;\n    }}\n}}\n",
+                echo.addr()
+            );
+        }
+    }
+    Ok(cfg)
+}
+
+/// Whether this nginx can proxy raw TCP: `Ok(load_module line, maybe empty)` or `Err(reason)`.
+pub fn nginx_stream_support() -> Result<String, String> {
+    let out = Command::new("/usr/sbin/nginx")
+        .arg("-V")
+        .output()
+        .map_err(|e| format!("cannot run /usr/sbin/nginx -V: {e}"))?;
+    // nginx -V prints to stderr.
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.contains(&"--with-stream") {
+        return Ok(String::new());
+    }
+    if words.contains(&"--with-stream=dynamic") {
+        let module = "/usr/lib/nginx/modules/ngx_stream_module.so";
+        if Path::new(module).exists() {
+            return Ok(format!("load_module {module};"));
+        }
+        return Err(format!(
+            "its stream module is built as a dynamic module and {module} is not installed \
+             (Debian package libnginx-mod-stream)"
+        ));
+    }
+    Err("it was built without the stream module (`nginx -V` shows no --with-stream)".into())
+}
+
+fn start_router(mode: Datapath, protocol: Protocol, setup: &Setup<'_>) -> anyhow::Result<Running> {
+    let backends = setup.backends;
+    let port = system::free_port()?;
+    let admin_port = system::free_port()?;
+    let target = match protocol {
+        Protocol::Http => loopback(port),
+        Protocol::Tunnel => {
+            let echo = backends.echo.as_ref().context("no echo container")?;
+            if !system::port_is_free(echo.router_port) {
+                bail!(
+                    "127.0.0.1:{} (the tunnel route's port) is taken by another process, \
+                     probably another router-agent that discovered the bench's echo container; \
+                     stop it and run again",
+                    echo.router_port
+                );
+            }
+            loopback(echo.router_port)
+        }
+    };
+    let admin = loopback(admin_port);
+    let mut command = Command::new(setup.agent);
+    command
+        .args(["--listen", &loopback(port).to_string()])
+        .args(["--admin", &admin.to_string()])
+        .args(["--datapath", mode.flag()])
+        .env("RUST_LOG", "warn");
+    let what = format!("router-agent --datapath {}", mode.flag());
+    let log = setup.tmp.join(format!("router-{}.log", mode.flag()));
+    let mut running = spawn(command, log, admin, &what)?;
+    running.admin = Some(admin);
+    let (domain, wanted) = match protocol {
+        Protocol::Http => (&backends.domain, backends.replicas.len()),
+        Protocol::Tunnel => (&backends.tunnel_domain, 1),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        running
+            .check_alive()
+            .with_context(|| format!("{what} stopped"))?;
+        let up = admin_get(admin, "/api/routes")
+            .and_then(|body| json::parse(&body))
+            .map_or(0, |routes| backends_up(&routes, domain));
+        if up >= wanted && system::wait_listening(running.target, Duration::from_millis(200)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: /api/routes on {admin} does not list {wanted} `up` backend(s) for {domain} \
+                 after 20 s (it lists {up}){}",
+                log_tail(running.log.as_deref())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if protocol == Protocol::Tunnel {
+        // The readiness probe connection was tunnelled too; let its teardown finish.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    running.target = target;
+    Ok(running)
+}
+
+/// How many backends of the route for `domain` are `up`.
+fn backends_up(routes: &json::Value, domain: &str) -> usize {
+    routes
+        .get("routes")
+        .map(json::Value::items)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.get("domain").and_then(json::Value::as_str) == Some(domain))
+        .flat_map(|r| {
+            r.get("backends")
+                .map(json::Value::items)
+                .unwrap_or_default()
+        })
+        .filter(|b| b.get("state").and_then(json::Value::as_str) == Some("up"))
+        .count()
+}
+
+/// GET on the router's admin API (it answers with Content-Length and closes).
+fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2))
+        .with_context(|| format!("connecting to the admin API on {admin}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading {path} from {admin}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP head in the answer to {path}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "GET {path} on {admin}: {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(body.to_owned())
+}
+
+/// The last lines of a contender's log, for error messages.
+fn log_tail(log: Option<&Path>) -> String {
+    let Some(log) = log else {
+        return String::new();
+    };
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(8)..].join("\n    ");
+    format!("; its log {} ends with:\n    {tail}", log.display())
+}
