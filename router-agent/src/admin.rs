@@ -135,6 +135,8 @@ struct DatapathJson {
     kernel_offload: bool,
     /// Sockets in the kernel's sockhash now (two per offloaded tunnel).
     offloaded_sockets: Option<usize>,
+    /// How tunnels (after `101`, `tcp://` routes) move their bytes in this mode.
+    tunnels: &'static str,
     #[serde(flatten)]
     counters: DatapathCounters,
 }
@@ -152,6 +154,7 @@ fn routes_json(state: &AdminState) -> String {
             mode: state.proxy.datapath,
             kernel_offload: state.proxy.offload.is_some(),
             offloaded_sockets: state.proxy.offload.as_ref().map(|o| o.offloaded_sockets()),
+            tunnels: state.proxy.tunnel_path(false).name(),
             counters: state.proxy.metrics.datapath(),
         },
     })
