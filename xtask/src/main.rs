@@ -37,7 +37,7 @@ enum Command {
     /// Run every test: unit tests and the end-to-end suite against the real dockerd.
     Test {
         /// Extra arguments for the test harness (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Benchmark router-agent (each --datapath mode) against haproxy (configured as acsrouting
