@@ -1,5 +1,5 @@
 //! Containers on the real engine, through the docker CLI, removed when the test ends.
-use std::process::Command;
+use std::{net::SocketAddr, process::Command};
 
 /// Images built by `cargo xtask setup`.
 pub const BACKEND_IMAGE: &str = "router-local/backend";
@@ -61,7 +61,7 @@ impl Container {
     /// runs, which can be a few milliseconds before the server inside listens.)
     pub fn backend(name: &str, labels: &[&str]) -> Self {
         let container = Self::run(name, &with_labels(labels, &[BACKEND_IMAGE]));
-        let addr: std::net::SocketAddr = format!("{}:80", container.ip()).parse().expect("address");
+        let addr = container.http_addr();
         crate::wait_for(
             "the backend to listen",
             std::time::Duration::from_secs(10),
@@ -86,6 +86,30 @@ impl Container {
             &self.id,
         ])
     }
+
+    /// Its port 80 on the default bridge, where the test backend serves HTTP.
+    pub fn http_addr(&self) -> SocketAddr {
+        format!("{}:80", self.ip()).parse().expect("address")
+    }
+
+    /// A counter from the test backend's `/stats`, read directly from the container.
+    pub fn stat(&self, name: &str) -> u64 {
+        backend_stat(self.http_addr(), name)
+    }
+}
+
+/// A counter from the `/stats` of the test backend serving HTTP at `addr` (the `/stats` request
+/// itself included in `requests`).
+pub fn backend_stat(addr: SocketAddr, name: &str) -> u64 {
+    let stats = crate::client::get(addr, "backend", "/stats", &[])
+        .expect("GET /stats straight from the backend");
+    let body = String::from_utf8_lossy(&stats.body);
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name}="))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name} in the /stats answer: {body:?}"))
 }
 
 impl Drop for Container {

@@ -32,4 +32,5 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
 
 pub mod pattern;
 pub mod stream;
+pub mod tools;
 pub mod ws;

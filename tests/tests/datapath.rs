@@ -2,10 +2,9 @@
 //! HTTP bodies, a byte-for-byte stream check for tunnels), and the counters prove which path
 //! carried the bytes. Run with --nocapture to see the per-mode figures.
 use std::{
-    io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpStream},
+    io::Write as _,
+    net::{SocketAddr, TcpStream},
     path::Path,
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -14,7 +13,8 @@ use serde_json::Value;
 use tests::{
     agent::{Agent, free_port},
     docker::Container,
-    pattern::Pattern,
+    pattern::{Pattern, echo_round_trip},
+    tools::{curl, sha256_of},
     unique, wait_for,
     ws::{OP_BINARY, OP_CLOSE, WebSocket},
 };
@@ -31,18 +31,6 @@ fn delta(after: &Value, before: &Value, name: &str) -> u64 {
     after[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0)
 }
 
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_owned()
-}
-
 fn write_file(path: &Path, mut fill: impl FnMut(u64, &mut [u8])) {
     let mut file = std::fs::File::create(path).expect("temp file");
     let mut block = vec![0u8; MIB as usize];
@@ -50,20 +38,6 @@ fn write_file(path: &Path, mut fill: impl FnMut(u64, &mut [u8])) {
         fill(i * MIB, &mut block);
         file.write_all(&block).expect("write");
     }
-}
-
-fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "--fail"])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[test]
@@ -181,37 +155,13 @@ fn tcp_echo_route(name: &str) -> (Container, SocketAddr) {
 }
 
 /// Sends `SIZE` bytes, half-closes, and checks that exactly the same bytes come back before EOF.
-fn echo_through(addr: SocketAddr, seed: u64) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
+fn echo_through(mode: &str, addr: SocketAddr, seed: u64) {
+    let stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    let mut writer = stream.try_clone().expect("clone");
-    let sender = thread::spawn(move || {
-        let mut pattern = Pattern::new(seed);
-        let mut block = vec![0u8; 64 * 1024];
-        for _ in 0..SIZE / block.len() as u64 {
-            pattern.fill(&mut block);
-            writer.write_all(&block).expect("send");
-        }
-        writer.shutdown(Shutdown::Write).expect("half-close");
-    });
-    let mut pattern = Pattern::new(seed);
-    let mut received = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = stream.read(&mut buf).expect("read echo");
-        if n == 0 {
-            break;
-        }
-        assert!(
-            pattern.matches(&buf[..n]),
-            "echoed bytes differ at offset {received}"
-        );
-        received += n as u64;
-    }
-    sender.join().expect("sender");
-    assert_eq!(received, SIZE, "every byte came back, then EOF");
+    let received = echo_round_trip(mode, stream, seed, SIZE, || {});
+    assert_eq!(received, SIZE, "{mode}: every byte came back, then EOF");
 }
 
 #[test]
@@ -221,7 +171,7 @@ fn tcp_route_echo_is_intact_through_every_datapath_mode() {
         let (_backend, addr) = tcp_echo_route(&format!("echo-{mode}"));
         let before = counters(&agent);
         let started = Instant::now();
-        echo_through(addr, 11);
+        echo_through(mode, addr, 11);
         let took = started.elapsed();
         agent.wait_idle();
         let after = counters(&agent);

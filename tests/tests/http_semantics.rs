@@ -3,7 +3,7 @@
 //! shutdown.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     thread,
     time::{Duration, Instant},
 };
@@ -23,18 +23,6 @@ fn one_backend(agent: &Agent, name: &str, extra_labels: &[&str]) -> (String, Con
     let backend = Container::backend(&unique(name), &labels);
     agent.wait_up(&domain, &[&backend.id], Duration::from_secs(15));
     (domain, backend)
-}
-
-fn backend_stat(backend: &Container, name: &str) -> u64 {
-    let addr: SocketAddr = format!("{}:80", backend.ip()).parse().expect("address");
-    let stats = client::get(addr, "backend", "/stats", &[]).expect("stats");
-    String::from_utf8_lossy(&stats.body)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{name}="))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("{name} in /stats"))
 }
 
 #[test]
@@ -153,22 +141,21 @@ fn backend_connections_are_reused_and_closed_when_the_backend_goes_down() {
             "aliyun.probe.failure_threshold=1",
         ],
     );
-    let before = backend_stat(&backend, "http_connections");
+    let before = backend.stat("http_connections");
     for _ in 0..20 {
         // A new client connection each time: only the router's backend side can be reused.
         let response = client::get(agent.http_addr(), &domain, "/", &[]).expect("request");
         assert_eq!(response.status, 200);
     }
     // Our own /stats call is one more connection.
-    let opened = backend_stat(&backend, "http_connections") - before - 1;
+    let opened = backend.stat("http_connections") - before - 1;
     assert_eq!(opened, 1, "20 requests over one pooled backend connection");
     let idle = |agent: &Agent| {
         agent.route(&domain, "/").expect("route")["backends"][0]["idle_connections"].as_u64()
     };
     assert_eq!(idle(&agent), Some(1));
 
-    let addr: SocketAddr = format!("{}:80", backend.ip()).parse().expect("address");
-    client::get(addr, "backend", "/set-health?ok=0", &[]).expect("flip health");
+    client::get(backend.http_addr(), "backend", "/set-health?ok=0", &[]).expect("flip health");
     wait_for("the backend down", Duration::from_secs(10), || {
         agent.state_of(&domain, &backend.id).as_deref() == Some("down")
     });

@@ -32,7 +32,7 @@ use std::{
 use tests::{
     agent::Agent,
     client::{self, RawReply},
-    docker::Container,
+    docker::{Container, backend_stat},
     unique, wait_for,
 };
 
@@ -569,9 +569,7 @@ impl Setup {
             &[&format!("aliyun.routing.port_80={host}")],
         );
         agent.wait_up(&host, &[&backend.id], Duration::from_secs(15));
-        let direct = format!("{}:80", backend.ip())
-            .parse()
-            .expect("backend address");
+        let direct = backend.http_addr();
         Self {
             agent,
             backend,
@@ -582,13 +580,7 @@ impl Setup {
 
     /// The backend's request counter, read from the container itself (this request included).
     fn requests_served(&self) -> u64 {
-        let response = client::get(self.direct, "backend", "/stats", &[])
-            .expect("GET /stats straight from the backend");
-        let body = String::from_utf8_lossy(&response.body);
-        body.lines()
-            .find_map(|line| line.strip_prefix("requests="))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("unexpected /stats answer: {body:?}"))
+        backend_stat(self.direct, "requests")
     }
 
     /// Whether the backend ever read a complete body sent to [`CANARY_PATH`].

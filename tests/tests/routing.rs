@@ -7,6 +7,7 @@ use tests::{
     agent::Agent,
     client::{self, KeepAlive},
     docker::Container,
+    tools::{curl, sha256_of},
     unique,
 };
 
@@ -192,33 +193,6 @@ fn connection_refused_counts_as_a_failure_at_once_and_the_request_is_retried() {
     assert!(metrics.contains("router_retries_total 1\n"), "{metrics}");
 }
 
-/// Runs curl against the router; returns its stdout.
-fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "--fail"])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sha256_of(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn bodies_cross_the_router_intact_in_both_directions() {
     let domain = format!("{}.local", unique("bodies"));
@@ -248,7 +222,7 @@ fn bodies_cross_the_router_intact_in_both_directions() {
         &upload,
         &format!("{base}/sha256"),
     ]);
-    assert_eq!(by_length.trim(), format!("3000000 {digest}"));
+    assert_eq!(by_length, format!("3000000 {digest}"));
     let chunked = curl(&[
         "-H",
         &host,
@@ -258,7 +232,7 @@ fn bodies_cross_the_router_intact_in_both_directions() {
         &upload,
         &format!("{base}/sha256"),
     ]);
-    assert_eq!(chunked.trim(), format!("3000000 {digest}"));
+    assert_eq!(chunked, format!("3000000 {digest}"));
 
     // Download with Content-Length, then chunked; the pattern is byte i = i % 251.
     for query in ["n=2500000", "n=2500000&chunked=1"] {

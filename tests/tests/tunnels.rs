@@ -8,8 +8,8 @@ use std::{
 
 use tests::{
     agent::{Agent, free_port},
-    client,
     docker::Container,
+    pattern::echo_round_trip,
     unique, wait_for,
 };
 
@@ -56,19 +56,6 @@ fn tcp_backend(agent: &Agent) -> TcpBackend {
     }
 }
 
-/// A counter from the backend's `/stats`, read directly from the container.
-fn backend_stat(backend: &Container, name: &str) -> u64 {
-    let addr: SocketAddr = format!("{}:80", backend.ip()).parse().expect("address");
-    let stats = client::get(addr, "backend", "/stats", &[]).expect("stats");
-    String::from_utf8_lossy(&stats.body)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{name}="))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("{name} in /stats"))
-}
-
 fn offloaded_sockets(agent: &Agent) -> u64 {
     agent.json("/api/routes")["datapath"]["offloaded_sockets"]
         .as_u64()
@@ -93,7 +80,7 @@ fn assert_nothing_left(agent: &Agent, baseline: usize, what: &str) {
 fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
     let agent = Agent::start(&["--datapath", "sockmap"]);
     let backend = tcp_backend(&agent);
-    let before = backend_stat(&backend.container, "greeter_bytes");
+    let before = backend.container.stat("greeter_bytes");
 
     let mut stream = TcpStream::connect(backend.greeter).expect("connect");
     stream
@@ -117,7 +104,7 @@ fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
     wait_for(
         "the backend to count our bytes",
         Duration::from_secs(10),
-        || backend_stat(&backend.container, "greeter_bytes") - before == payload.len() as u64,
+        || backend.container.stat("greeter_bytes") - before == payload.len() as u64,
     );
     drop(stream);
     agent.wait_idle();
@@ -167,7 +154,7 @@ fn backend_reset_leaves_no_sockhash_entry_and_no_descriptor() {
     let agent = Agent::start(&["--datapath", "sockmap"]);
     let backend = tcp_backend(&agent);
     let baseline = agent.open_fds();
-    let resets = backend_stat(&backend.container, "resets");
+    let resets = backend.container.stat("resets");
 
     let mut stream = TcpStream::connect(backend.reset).expect("connect");
     stream
@@ -180,7 +167,7 @@ fn backend_reset_leaves_no_sockhash_entry_and_no_descriptor() {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
         Ok(n) => assert_eq!(n, 0, "no data from a resetting backend"),
     }
-    assert_eq!(backend_stat(&backend.container, "resets"), resets + 1);
+    assert_eq!(backend.container.stat("resets"), resets + 1);
     drop(stream);
     assert_nothing_left(&agent, baseline, "a backend reset");
 }
@@ -190,47 +177,24 @@ fn a_receiver_that_stops_reading_bounds_the_kernel_backlog_and_loses_nothing() {
     let agent = Agent::start(&["--datapath", "sockmap"]);
     let backend = tcp_backend(&agent);
     const TOTAL: u64 = 64 * 1024 * 1024;
-    let mut stream = TcpStream::connect(backend.echo).expect("connect");
+    let stream = TcpStream::connect(backend.echo).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    let mut writer = stream.try_clone().expect("clone");
-    let sender = std::thread::spawn(move || {
-        let mut pattern = tests::pattern::Pattern::new(21);
-        let mut block = vec![0u8; 64 * 1024];
-        for _ in 0..TOTAL / block.len() as u64 {
-            pattern.fill(&mut block);
-            writer.write_all(&block).expect("send");
-        }
-        writer.shutdown(Shutdown::Write).expect("half-close");
-    });
     // We do not read for a while: the echo backend blocks writing to us and stops reading, so
     // redirected bytes pile up in the kernel until the bound hands the directions to userspace.
-    wait_for(
-        "a tunnel direction demoted to userspace",
-        Duration::from_secs(20),
-        || {
-            agent.json("/api/routes")["datapath"]["tunnels_demoted"]
-                .as_u64()
-                .unwrap_or(0)
-                >= 1
-        },
-    );
-    let mut pattern = tests::pattern::Pattern::new(21);
-    let mut received = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = stream.read(&mut buf).expect("read echo");
-        if n == 0 {
-            break;
-        }
-        assert!(
-            pattern.matches(&buf[..n]),
-            "echoed bytes differ at offset {received}"
+    let received = echo_round_trip("the demoted tunnel", stream, 21, TOTAL, || {
+        wait_for(
+            "a tunnel direction demoted to userspace",
+            Duration::from_secs(20),
+            || {
+                agent.json("/api/routes")["datapath"]["tunnels_demoted"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= 1
+            },
         );
-        received += n as u64;
-    }
-    sender.join().expect("sender");
+    });
     assert_eq!(received, TOTAL, "every byte came back in order, then EOF");
 }
 
@@ -248,35 +212,11 @@ fn eight_concurrent_tunnels_under_load_deliver_every_byte() {
         .map(|seed| {
             let addr = backend.echo;
             std::thread::spawn(move || {
-                let mut stream = TcpStream::connect(addr).expect("connect");
+                let stream = TcpStream::connect(addr).expect("connect");
                 stream
                     .set_read_timeout(Some(Duration::from_secs(60)))
                     .expect("timeout");
-                let mut writer = stream.try_clone().expect("clone");
-                let sender = std::thread::spawn(move || {
-                    let mut pattern = tests::pattern::Pattern::new(seed + 100);
-                    let mut block = vec![0u8; 64 * 1024];
-                    for _ in 0..EACH / block.len() as u64 {
-                        pattern.fill(&mut block);
-                        writer.write_all(&block).expect("send");
-                    }
-                    writer.shutdown(Shutdown::Write).expect("half-close");
-                });
-                let mut pattern = tests::pattern::Pattern::new(seed + 100);
-                let (mut received, mut buf) = (0u64, vec![0u8; 256 * 1024]);
-                loop {
-                    let n = stream.read(&mut buf).expect("read echo");
-                    if n == 0 {
-                        break;
-                    }
-                    assert!(
-                        pattern.matches(&buf[..n]),
-                        "tunnel {seed}: bytes differ at offset {received}"
-                    );
-                    received += n as u64;
-                }
-                sender.join().expect("sender");
-                received
+                echo_round_trip(&format!("tunnel {seed}"), stream, seed + 100, EACH, || {})
             })
         })
         .collect();
