@@ -195,7 +195,6 @@ impl Registry {
                     return;
                 };
                 tracker.record(outcome.is_ok());
-                let _ = &outcome;
                 if let Err(reason) = &outcome {
                     entry.remember(format!("probe failed: {reason}"));
                 }
