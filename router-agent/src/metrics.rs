@@ -61,7 +61,23 @@ pub struct DatapathCounters {
     pub tunnels_demoted: u64,
 }
 
+/// A client connection counted in `connections_active` while it lives.
+pub struct OpenConnection<'a>(&'a Metrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Metrics {
+    /// Counts a newly accepted client connection; it stays active until the guard drops.
+    pub fn open_connection(&self) -> OpenConnection<'_> {
+        self.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        self.connections_active.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self)
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

@@ -43,8 +43,7 @@ const LINGER: Duration = Duration::from_millis(500);
 
 pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
     let metrics = ctx.metrics.clone();
-    Metrics::add(&metrics.connections_accepted, 1);
-    metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    let _open = metrics.open_connection();
     let _ = stream.set_nodelay(true);
     let mut connection = Connection {
         shutdown: ctx.shutdown.clone(),
@@ -59,7 +58,6 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>)
     if let Err(e) = connection.run().await {
         debug!(%peer, "client connection ended: {e}");
     }
-    metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
 }
 
 enum Next {
@@ -101,8 +99,10 @@ struct Connection {
 
 impl Connection {
     async fn run(&mut self) -> io::Result<()> {
+        // One reference for the connection's life, so requests do not touch the shared count.
+        let ctx = Arc::clone(&self.ctx);
         while let Some(head) = self.read_request_head().await? {
-            match self.exchange(&head).await? {
+            match self.exchange(&head, &ctx).await? {
                 Next::KeepAlive => {}
                 Next::Close => {
                     self.close().await;
@@ -192,16 +192,17 @@ impl Connection {
     }
 
     /// Routes the request and runs it against backends until one answers or none is left.
-    async fn exchange(&mut self, head: &RequestHead) -> io::Result<Next> {
-        let metrics = self.ctx.metrics.clone();
+    /// (`ctx` is this connection's `self.ctx`, borrowed apart from `self`.)
+    async fn exchange(&mut self, head: &RequestHead, ctx: &ProxyContext) -> io::Result<Next> {
+        let metrics = &ctx.metrics;
         Metrics::add(&metrics.requests, 1);
-        let table = self.ctx.published.table.load_full();
+        let table = ctx.published.table.load_full();
         let Some(route) = table.lookup(&self.buf[head.host.clone()], &self.buf[head.path.clone()])
         else {
             self.answer(404).await;
             return Ok(Next::Close);
         };
-        if route.internal && !self.ctx.published.is_internal(self.peer.ip()) {
+        if route.internal && !ctx.published.is_internal(self.peer.ip()) {
             info!(peer = %self.peer, domain = %route.domain, "internal domain asked from outside the internal networks: 404");
             self.answer(404).await;
             return Ok(Next::Close);
@@ -219,8 +220,7 @@ impl Connection {
         let mut tried = Tried::default();
         loop {
             let Some((selection, mut upstream)) =
-                upstream::connect_next(route, sticky.get(), &mut tried, &self.ctx, Reuse::Pooled)
-                    .await
+                upstream::connect_next(route, sticky.get(), &mut tried, ctx, Reuse::Pooled).await
             else {
                 self.answer(503).await;
                 return Ok(Next::Close);
@@ -230,13 +230,13 @@ impl Connection {
             let set_sticky =
                 (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
             match self
-                .attempt(head, request_body, &mut upstream, set_sticky)
+                .attempt(head, request_body, &mut upstream, set_sticky, ctx)
                 .await
             {
                 Attempt::Done { next, keep_backend } => {
                     if keep_backend {
                         upstream.reused = true;
-                        self.ctx.pool.put(upstream);
+                        ctx.pool.put(upstream);
                     }
                     return Ok(next);
                 }
@@ -245,7 +245,7 @@ impl Connection {
                     // A kept-alive connection the backend closed meanwhile says nothing about
                     // the backend's health.
                     if !upstream.reused {
-                        upstream::report_failure(&self.ctx, backend, why);
+                        upstream::report_failure(ctx, backend, why);
                     }
                 }
                 Attempt::Fail { status, kind, why } => {
@@ -266,8 +266,9 @@ impl Connection {
         request_body: BodyFraming,
         upstream: &mut Upstream,
         set_sticky: Option<&str>,
+        ctx: &ProxyContext,
     ) -> Attempt {
-        let metrics = self.ctx.metrics.clone();
+        let metrics = &ctx.metrics;
         if let Err(e) = upstream.stream.write_all(&self.request_head).await {
             return Attempt::Retry(format!("sending the request: {e}"));
         }
@@ -279,7 +280,7 @@ impl Connection {
             set_sticky,
         };
         let body_path = BodyPath {
-            splice: self.ctx.splice_threshold().map(|t| (&self.ctx.pipes, t)),
+            splice: ctx.splice_threshold().map(|t| (&ctx.pipes, t)),
             copied: &metrics.bytes_copied,
             spliced: &metrics.bytes_spliced,
         };
@@ -288,11 +289,11 @@ impl Connection {
             client_buf: &mut self.buf,
             upstream,
             response_head: &mut self.response_head,
-            ctx: &self.ctx,
-            metrics: &metrics,
+            ctx,
+            metrics,
             body_path: &body_path,
             spliced: &mut self.spliced,
-            response_timeout: self.ctx.settings.response_timeout,
+            response_timeout: ctx.settings.response_timeout,
         };
         exchange.run(head, request_body, &client_side).await
     }

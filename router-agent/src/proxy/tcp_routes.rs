@@ -15,7 +15,6 @@ use super::{
     ProxyContext, bind, tunnel,
     upstream::{self, Reuse, Tried},
 };
-use crate::metrics::Metrics;
 
 /// Keeps one listener per tcp route port and address, following the routing table.
 pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
@@ -76,11 +75,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, port: u16, ctx: Arc<Prox
 }
 
 async fn handle(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<ProxyContext>) {
-    let metrics = &ctx.metrics;
-    Metrics::add(&metrics.connections_accepted, 1);
-    metrics
-        .connections_active
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _open = ctx.metrics.open_connection();
     let _ = client.set_nodelay(true);
     let table = ctx.published.table.load_full();
     if let Some(route) = table.tcp_route(port) {
@@ -98,7 +93,4 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<Pro
             .await;
         }
     }
-    metrics
-        .connections_active
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
