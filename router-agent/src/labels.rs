@@ -150,7 +150,7 @@ pub fn parse(
     let mut routes: Vec<RouteSpec> = Vec::new();
     let mut sticky = true;
     let mut weight = DEFAULT_WEIGHT;
-    let mut probe_target: Option<(ProbeKind, &str)> = None;
+    let mut probe_target: Option<ProbeKind> = None;
     let mut timing = ProbeTiming::default();
 
     for key in keys {
@@ -209,17 +209,14 @@ pub fn parse(
                     "aliyun.probe.url and aliyun.probe.cmd are exclusive; keep one".into(),
                 ),
                 "url" => match parse_probe_url(value.trim()) {
-                    Ok(kind) => probe_target = Some((kind, key)),
+                    Ok(kind) => probe_target = Some(kind),
                     Err(reason) => fail(key, value, reason),
                 },
                 "cmd" if value.trim().is_empty() => fail(key, value, "empty command".into()),
                 "cmd" => {
-                    probe_target = Some((
-                        ProbeKind::Exec {
-                            command: value.trim().to_owned(),
-                        },
-                        key,
-                    ));
+                    probe_target = Some(ProbeKind::Exec {
+                        command: value.trim().to_owned(),
+                    });
                 }
                 _ => {
                     if let Err(reason) = timing.set(name, value.trim()) {
@@ -244,7 +241,7 @@ pub fn parse(
         routes,
         sticky,
         weight,
-        probe: probe_target.map(|(kind, _)| timing.into_spec(kind)),
+        probe: probe_target.map(|kind| timing.into_spec(kind)),
     })
 }
 

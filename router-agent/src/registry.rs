@@ -210,12 +210,18 @@ impl Registry {
 
     /// Runs `f` on the entry if `generation` is its current checker's; reports a state change.
     fn with_current(&mut self, id: &str, generation: u64, f: impl FnOnce(&mut Entry)) -> bool {
+        let current = self
+            .containers
+            .get(id)
+            .is_some_and(|entry| entry.generation == generation);
+        current && self.change(id, f)
+    }
+
+    /// Runs `f` on the entry, if known; reports (logs, remembers, returns) a state change.
+    fn change(&mut self, id: &str, f: impl FnOnce(&mut Entry)) -> bool {
         let Some(entry) = self.containers.get_mut(id) else {
             return false;
         };
-        if entry.generation != generation {
-            return false;
-        }
         let before = entry.health.state();
         f(entry);
         Self::note_transition(entry, before)
@@ -234,25 +240,15 @@ impl Registry {
     fn apply_update(&mut self, update: Update) -> bool {
         match update {
             Update::Container(info) => self.upsert(info),
-            Update::Stopping { id } => {
-                let Some(entry) = self.containers.get_mut(&id) else {
-                    return false;
-                };
-                let before = entry.health.state();
+            Update::Stopping { id } => self.change(&id, |entry| {
                 entry.health.draining = true;
                 entry.remember("docker is stopping it: draining".into());
-                Self::note_transition(entry, before)
-            }
+            }),
             Update::Gone { id } => self.remove(&id, "stopped"),
-            Update::DockerHealth { id, health } => {
-                let Some(entry) = self.containers.get_mut(&id) else {
-                    return false;
-                };
-                let before = entry.health.state();
+            Update::DockerHealth { id, health } => self.change(&id, |entry| {
                 entry.health.docker = Some(health);
                 entry.remember(format!("docker health: {health:?}").to_lowercase());
-                Self::note_transition(entry, before)
-            }
+            }),
             Update::Resynced { ids } => {
                 let vanished: Vec<String> = self
                     .containers
