@@ -33,6 +33,7 @@ use crate::{
         response::{self, ClientSide, ResponseHead},
     },
     metrics::{BackendError, Metrics},
+    table::RoutingTable,
 };
 
 /// Bytes read from a client per read call while waiting for a head.
@@ -99,10 +100,18 @@ struct Connection {
 
 impl Connection {
     async fn run(&mut self) -> io::Result<()> {
-        // One reference for the connection's life, so requests do not touch the shared count.
+        // One reference each for the connection's life, so that requests do not touch shared
+        // reference counts (cache lines the workers would pass back and forth). The table is
+        // loaded again only when the registry published a new one.
         let ctx = Arc::clone(&self.ctx);
+        let mut versions = ctx.published.table_version.subscribe();
+        let mut table = ctx.published.table.load_full();
         while let Some(head) = self.read_request_head().await? {
-            match self.exchange(&head, &ctx).await? {
+            if versions.has_changed().unwrap_or(false) {
+                versions.borrow_and_update();
+                table = ctx.published.table.load_full();
+            }
+            match self.exchange(&head, &ctx, &table).await? {
                 Next::KeepAlive => {}
                 Next::Close => {
                     self.close().await;
@@ -193,10 +202,14 @@ impl Connection {
 
     /// Routes the request and runs it against backends until one answers or none is left.
     /// (`ctx` is this connection's `self.ctx`, borrowed apart from `self`.)
-    async fn exchange(&mut self, head: &RequestHead, ctx: &ProxyContext) -> io::Result<Next> {
+    async fn exchange(
+        &mut self,
+        head: &RequestHead,
+        ctx: &ProxyContext,
+        table: &RoutingTable,
+    ) -> io::Result<Next> {
         let metrics = &ctx.metrics;
         Metrics::add(&metrics.requests, 1);
-        let table = ctx.published.table.load_full();
         let Some(route) = table.lookup(&self.buf[head.host.clone()], &self.buf[head.path.clone()])
         else {
             self.answer(404).await;
