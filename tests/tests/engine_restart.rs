@@ -19,17 +19,32 @@ struct EngineCommand {
     env: Vec<(String, String)>,
 }
 
+/// The one live dockerd. A stopped dockerd whose parent has not reaped it yet lingers as a
+/// zombie under the same name; it is not running, so it does not count.
 fn dockerd_pid() -> i32 {
     let out = Command::new("pidof")
         .arg("dockerd")
         .output()
         .expect("pidof");
-    let pids = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        !pids.is_empty() && !pids.contains(' '),
-        "exactly one dockerd runs: {pids:?}"
-    );
-    pids.parse().expect("pid")
+    let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|pid| pid.parse().expect("pid"))
+        .filter(|&pid| is_running(pid))
+        .collect();
+    assert_eq!(pids.len(), 1, "exactly one dockerd runs: {pids:?}");
+    pids[0]
+}
+
+/// Whether `pid` is a live process: it exists and is not a zombie (state `Z` or `X` in
+/// /proc/PID/stat, the field after the parenthesised command name).
+fn is_running(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X"))
 }
 
 fn read_nul_separated(path: &str) -> Vec<String> {
@@ -60,7 +75,9 @@ impl EngineCommand {
             .append(true)
             .open("/var/log/router-dockerd.log")
             .expect("log");
+        // --fork: the engine must not be a child of this test binary (see `dockerd_pid`).
         Command::new("setsid")
+            .arg("--fork")
             .args(&self.argv)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -104,8 +121,7 @@ fn routing_survives_an_engine_restart_and_new_containers_are_found_after_it() {
     // SAFETY: kill(2) with a pid read from pidof; at worst it fails.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     wait_for("dockerd to exit", Duration::from_secs(30), || {
-        // SAFETY: signal 0 only checks that the process exists.
-        unsafe { libc::kill(pid, 0) != 0 }
+        !is_running(pid)
     });
     wait_for("the agent to notice", Duration::from_secs(10), || {
         agent.json("/healthz")["engine_connected"] == false

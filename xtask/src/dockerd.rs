@@ -35,9 +35,12 @@ fn start() -> anyhow::Result<()> {
         .append(true)
         .open(LOG_FILE)
         .with_context(|| format!("opening {LOG_FILE}; are you root?"))?;
-    // setsid: dockerd outlives this command and its terminal.
+    // setsid --fork: dockerd outlives this command and its terminal, and is not our child.
+    // As our child it would stay a zombie after a test stops it (we wait on `cargo test`,
+    // not on it), and the engine-restart test would wait for it to exit for ever.
     Command::new("setsid")
         .args([
+            "--fork",
             "dockerd",
             "--bip",
             "198.18.0.1/24",
