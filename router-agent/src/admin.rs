@@ -137,6 +137,10 @@ struct DatapathJson {
     offloaded_sockets: Option<usize>,
     /// How tunnels (after `101`, `tcp://` routes) move their bytes in this mode.
     tunnels: &'static str,
+    /// Smallest body run that is spliced (`null`: bodies are always copied in this mode).
+    splice_threshold: Option<u64>,
+    /// Capacity of each splice pipe, as granted by the kernel.
+    pipe_size: usize,
     #[serde(flatten)]
     counters: DatapathCounters,
 }
@@ -155,6 +159,8 @@ fn routes_json(state: &AdminState) -> String {
             kernel_offload: state.proxy.offload.is_some(),
             offloaded_sockets: state.proxy.offload.as_ref().map(|o| o.offloaded_sockets()),
             tunnels: state.proxy.tunnel_path(false).name(),
+            splice_threshold: state.proxy.splice_threshold(),
+            pipe_size: state.proxy.pipe_size,
             counters: state.proxy.metrics.datapath(),
         },
     })

@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -56,6 +56,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let offload = offload.map(Arc::new);
+    let pipes = proxy::PipePool::new(config.proxy.pipe_size);
+    let pipe_size = pipes
+        .granted_size()
+        .context("creating a splice pipe; is the open-files limit exhausted?")?;
+    if pipe_size < config.proxy.pipe_size {
+        warn!(
+            asked = config.proxy.pipe_size,
+            granted = pipe_size,
+            "splice pipes are smaller than pipe_size_bytes asks: raise \
+             /proc/sys/fs/pipe-max-size, or run with CAP_SYS_RESOURCE"
+        );
+    }
     let ctx = Arc::new(ProxyContext {
         published: published.clone(),
         settings: config.proxy.clone(),
@@ -65,7 +77,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         datapath: config.datapath,
         offload: offload.clone(),
         pool: proxy::Pool::default(),
-        pipes: proxy::PipePool::default(),
+        pipes,
+        pipe_size,
     });
     tokio::spawn(proxy::maintain_pool(ctx.clone()));
     let mut route_addresses: Vec<_> = config.listen.iter().map(std::net::SocketAddr::ip).collect();

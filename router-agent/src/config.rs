@@ -85,6 +85,8 @@ struct FileConfig {
     forwarded_headers: Option<bool>,
     max_request_line_bytes: Option<usize>,
     max_head_bytes: Option<usize>,
+    splice_threshold_bytes: Option<u64>,
+    pipe_size_bytes: Option<usize>,
 }
 
 /// Settings of the HTTP data path.
@@ -99,7 +101,14 @@ pub struct ProxySettings {
     pub idle_timeout: Duration,
     pub forwarded_headers: bool,
     pub limits: HeadLimits,
+    /// In `auto` mode, bodies and chunks of at least this many bytes are spliced.
+    pub splice_threshold: u64,
+    /// Capacity asked for each splice pipe.
+    pub pipe_size: usize,
 }
+
+/// Pipe sizes the agent accepts: one page up to what Linux allows a pipe at most.
+const PIPE_SIZES: std::ops::RangeInclusive<usize> = 4096..=(1 << 30);
 
 impl Default for ProxySettings {
     fn default() -> Self {
@@ -110,6 +119,8 @@ impl Default for ProxySettings {
             idle_timeout: Duration::from_mins(1),
             forwarded_headers: true,
             limits: HeadLimits::default(),
+            splice_threshold: crate::proxy::SPLICE_THRESHOLD,
+            pipe_size: crate::proxy::DEFAULT_PIPE_SIZE,
         }
     }
 }
@@ -179,6 +190,10 @@ impl Config {
                         .unwrap_or(defaults.limits.max_request_line),
                     max_head: file.max_head_bytes.unwrap_or(defaults.limits.max_head),
                 },
+                splice_threshold: file
+                    .splice_threshold_bytes
+                    .unwrap_or(defaults.splice_threshold),
+                pipe_size: file.pipe_size_bytes.unwrap_or(defaults.pipe_size),
             },
             shutdown_grace: ms(file.shutdown_grace_ms, Duration::from_secs(10)),
         };
@@ -201,6 +216,18 @@ impl Config {
         }
         if self.proxy.limits.max_request_line > self.proxy.limits.max_head {
             bail!("max_request_line_bytes must not exceed max_head_bytes");
+        }
+        if self.proxy.splice_threshold == 0 {
+            bail!("splice_threshold_bytes must be at least 1");
+        }
+        if !PIPE_SIZES.contains(&self.proxy.pipe_size) {
+            bail!(
+                "pipe_size_bytes {}: use {} to {} bytes (the kernel rounds up to a power of two \
+                 pages, and caps unprivileged processes at /proc/sys/fs/pipe-max-size)",
+                self.proxy.pipe_size,
+                PIPE_SIZES.start(),
+                PIPE_SIZES.end()
+            );
         }
         for (name, value) in [
             ("connect_timeout_ms", self.proxy.connect_timeout),
@@ -275,5 +302,33 @@ mod tests {
         assert!(err.contains("lower-case DNS suffix"), "{err}");
         assert!(Cli::try_parse_from(["router-agent", "--internal-cidr", "10.0.0.0/40"]).is_err());
         assert!(Cli::try_parse_from(["router-agent", "--datapath", "fast"]).is_err());
+    }
+
+    #[test]
+    fn splice_knobs_from_the_file_are_checked() {
+        let dir = std::env::temp_dir().join(format!("router-splice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("router.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(Cli::parse_from([
+                "router-agent",
+                "--config",
+                path.to_str().unwrap(),
+            ]))
+        };
+        let config = load("splice_threshold_bytes = 4096\npipe_size_bytes = 65536\n").unwrap();
+        assert_eq!(config.proxy.splice_threshold, 4096);
+        assert_eq!(config.proxy.pipe_size, 65536);
+        let defaults = load("").unwrap();
+        assert_eq!(defaults.proxy.splice_threshold, 256 * 1024);
+        assert_eq!(defaults.proxy.pipe_size, 1024 * 1024);
+        for (text, says) in [
+            ("pipe_size_bytes = 100\n", "pipe_size_bytes 100: use 4096 to"),
+            ("splice_threshold_bytes = 0\n", "splice_threshold_bytes must be at least 1"),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

@@ -263,3 +263,61 @@ fn websocket_echo_moves_through_the_kernel_after_the_upgrade() {
     );
     assert_eq!(delta(&after, &before_upgrade, "connections_offloaded"), 1);
 }
+
+/// `splice_threshold_bytes` and `pipe_size_bytes` in the TOML file reach the data path: with a
+/// threshold of 8 KiB, `auto` splices a 64 KiB body that it copies with the default 256 KiB
+/// threshold, through pipes of the asked size, and the body arrives intact either way.
+#[test]
+fn the_splice_threshold_and_pipe_size_come_from_the_config_file() {
+    const BODY: usize = 64 * 1024;
+    let dir = std::env::temp_dir().join(unique("splice-knobs"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("router.toml");
+    std::fs::write(
+        &config,
+        "splice_threshold_bytes = 8192\npipe_size_bytes = 65536\n",
+    )
+    .expect("config file");
+    let domain = format!("{}.local", unique("splice-knobs"));
+    let backend = Container::backend(
+        &unique("splice-knobs"),
+        &[&format!("aliyun.routing.port_80={domain}")],
+    );
+    let expected: Vec<u8> = (0..BODY).map(|i| (i % 251) as u8).collect();
+    let spliced_for_one_body = |agent: &Agent| {
+        agent.wait_up(&domain, &[&backend.id], Duration::from_secs(15));
+        let before = counters(agent);
+        let response = tests::client::get(
+            agent.http_addr(),
+            &domain,
+            &format!("/bytes?n={BODY}"),
+            &[],
+        )
+        .expect("request");
+        assert_eq!(response.status, 200);
+        assert!(response.body == expected, "the body arrives intact");
+        delta(&counters(agent), &before, "bytes_spliced")
+    };
+
+    let tuned = Agent::start(&["--datapath", "auto", "--config", config.to_str().unwrap()]);
+    let datapath = counters(&tuned);
+    assert_eq!(datapath["splice_threshold"], 8192);
+    assert_eq!(datapath["pipe_size"], 65536);
+    let spliced = spliced_for_one_body(&tuned);
+    // What arrived in the same read as the response head is copied; the rest is spliced.
+    assert!(
+        spliced > (BODY / 2) as u64,
+        "64 KiB over an 8 KiB threshold is spliced: {spliced}"
+    );
+
+    let default = Agent::start(&["--datapath", "auto"]);
+    let datapath = counters(&default);
+    assert_eq!(datapath["splice_threshold"], 256 * 1024);
+    assert_eq!(datapath["pipe_size"], 1024 * 1024);
+    assert_eq!(
+        spliced_for_one_body(&default),
+        0,
+        "64 KiB under the default 256 KiB threshold is copied"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -64,7 +64,7 @@ fn start() -> anyhow::Result<()> {
         .stderr(log)
         .spawn()
         .context("could not start dockerd; is docker.io installed?")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while !engine_answers() {
         if Instant::now() > deadline {
             bail!("dockerd did not answer within 60 s; see {LOG_FILE}");

@@ -53,7 +53,7 @@ enum Command {
         duration: Option<u64>,
         /// Only these scenarios, comma-separated: small-keepalive, small-new-connection, 16k,
         /// 1m, tunnel (with --splice-sweep: sweep-4k, sweep-16k, sweep-64k, sweep-256k,
-        /// sweep-1m).
+        /// sweep-1m; with --pipe-sweep: sweep-256k, sweep-1m, tunnel).
         #[arg(long, value_delimiter = ',')]
         scenarios: Vec<String>,
         /// Smoke run: 1 round of 2 s per contender.
@@ -61,8 +61,20 @@ enum Command {
         quick: bool,
         /// Instead of the comparison: router --datapath copy vs splice for bodies of 4 KiB to
         /// 1 MiB, to choose the splice threshold.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pipe_sweep")]
         splice_sweep: bool,
+        /// Instead of the comparison: router --datapath splice with pipes of 64 KiB to 4 MiB,
+        /// for 256 KiB and 1 MiB bodies and the tunnel, to choose the pipe size.
+        #[arg(long)]
+        pipe_sweep: bool,
+    },
+    /// Count the userspace instructions per request of router-agent and haproxy with valgrind's
+    /// callgrind under the same wrk load; writes results/callgrind-<time>.md. Deterministic
+    /// where the benchmark's timings are noisy.
+    Profile {
+        /// How long wrk loads each proxy while callgrind counts.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// Run each cargo-fuzz target of router-agent (HTTP request and response heads, chunked
     /// bodies) for a bounded time; fails naming the target and the saved input on a crash.
@@ -91,15 +103,27 @@ fn main() -> anyhow::Result<()> {
             scenarios,
             quick,
             splice_sweep,
+            pipe_sweep,
         } => {
             setup::run()?;
+            let study = if splice_sweep {
+                bench::Study::SpliceSweep
+            } else if pipe_sweep {
+                bench::Study::PipeSweep
+            } else {
+                bench::Study::Comparison
+            };
             bench::run(&bench::Options {
                 rounds,
                 duration,
                 scenarios,
                 quick,
-                splice_sweep,
+                study,
             })
+        }
+        Command::Profile { seconds } => {
+            setup::run()?;
+            bench::profile::run(seconds)
         }
         Command::Fuzz { seconds } => {
             setup::run()?;

@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "bpftool",
     "procps",
+    // `cargo xtask profile`: callgrind's instruction counts.
+    "valgrind",
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -19,7 +19,11 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-pub use self::{pool::Pool, splice::PipePool, tcp_routes::serve_tcp_routes};
+pub use self::{
+    pool::Pool,
+    splice::{DEFAULT_PIPE_SIZE, PipePool},
+    tcp_routes::serve_tcp_routes,
+};
 use crate::{
     config::{DatapathMode, ProxySettings},
     ebpf::KernelOffload,
@@ -27,8 +31,8 @@ use crate::{
     registry::{Message, Published},
 };
 
-/// Bodies (and chunks) at least this large go through splice(2) in `auto` mode; smaller ones are
-/// copied. Measured with `cargo xtask bench --splice-sweep` (README.md, "Performance"): splice
+/// Bodies (and chunks) at least this large go through splice(2) in `auto` mode by default
+/// (`splice_threshold_bytes` in the TOML file); smaller ones are copied. Measured with `cargo xtask bench --splice-sweep` (README.md, "Performance"): splice
 /// lost to copy up to 64 KiB (0.76x to 0.93x requests/s) and won from 256 KiB (1.08x to 1.12x).
 pub const SPLICE_THRESHOLD: u64 = 256 * 1024;
 
@@ -46,13 +50,15 @@ pub struct ProxyContext {
     pub offload: Option<Arc<KernelOffload>>,
     pub pool: Pool,
     pub pipes: PipePool,
+    /// Capacity the kernel granted the splice pipes.
+    pub pipe_size: usize,
 }
 
 impl ProxyContext {
     /// The smallest body run that is spliced, or `None` when bodies are always copied.
     pub fn splice_threshold(&self) -> Option<u64> {
         match self.datapath {
-            DatapathMode::Auto => Some(SPLICE_THRESHOLD),
+            DatapathMode::Auto => Some(self.settings.splice_threshold),
             // Forced: every body byte that is not already buffered goes through splice.
             DatapathMode::Splice => Some(1),
             // sockmap mode keeps splice off every socket: the two must never mix on one socket.

@@ -13,8 +13,10 @@ use tokio::{io::Interest, net::TcpStream};
 
 use crate::metrics::Metrics;
 
-/// Pipe capacity asked for; the kernel may grant less (see /proc/sys/fs/pipe-max-size).
-const PIPE_SIZE: usize = 1024 * 1024;
+/// Pipe capacity asked for by default; the kernel may grant less (see
+/// /proc/sys/fs/pipe-max-size). Measured with `cargo xtask bench --pipe-sweep` (README.md,
+/// "Performance").
+pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 /// Empty pipes kept for reuse.
 const MAX_FREE_PIPES: usize = 64;
 
@@ -25,7 +27,7 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    fn new(size: usize) -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two fds into the array we own; we check the result.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -38,7 +40,7 @@ impl Pipe {
             libc::fcntl(
                 write.as_raw_fd(),
                 libc::F_SETPIPE_SZ,
-                PIPE_SIZE as libc::c_int,
+                libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX),
             )
         };
         let capacity = if granted > 0 {
@@ -54,17 +56,40 @@ impl Pipe {
     }
 }
 
-#[derive(Default)]
 pub struct PipePool {
     free: Mutex<Vec<Pipe>>,
+    /// Capacity asked for each new pipe.
+    size: usize,
+}
+
+impl Default for PipePool {
+    fn default() -> Self {
+        Self::new(DEFAULT_PIPE_SIZE)
+    }
 }
 
 impl PipePool {
+    pub fn new(size: usize) -> Self {
+        Self {
+            free: Mutex::new(Vec::new()),
+            size,
+        }
+    }
+
     pub fn get(&self) -> io::Result<Pipe> {
         match self.free.lock().expect("pipe pool lock").pop() {
             Some(pipe) => Ok(pipe),
-            None => Pipe::new(),
+            None => Pipe::new(self.size),
         }
+    }
+
+    /// The capacity the kernel grants a new pipe of this pool (it rounds up to a power of two
+    /// pages, and refuses more than /proc/sys/fs/pipe-max-size to an unprivileged process).
+    pub fn granted_size(&self) -> io::Result<usize> {
+        let pipe = self.get()?;
+        let capacity = pipe.capacity;
+        self.put(pipe);
+        Ok(capacity)
     }
 
     /// Returns an emptied pipe for reuse.

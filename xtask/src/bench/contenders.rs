@@ -6,6 +6,8 @@
 //!   `CONTAINERID` cookie, `option splice-auto`).
 //! - `nginx`: the host's nginx as a reverse proxy with a keep-alive upstream.
 //! - `router-<mode>`: this workspace's release agent with `--datapath <mode>`.
+//! - `router-splice-pipe-<size>`: the agent with `--datapath splice` and `pipe_size_bytes` set
+//!   in its TOML file (`--pipe-sweep`).
 use std::{
     fmt::Write as _,
     fs,
@@ -26,6 +28,8 @@ pub enum Contender {
     Haproxy,
     Nginx,
     Router(Datapath),
+    /// `--datapath splice` with pipes of this many KiB.
+    RouterPipe(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,11 +58,21 @@ impl Contender {
             Contender::Haproxy => "haproxy".into(),
             Contender::Nginx => "nginx".into(),
             Contender::Router(mode) => format!("router-{}", mode.flag()),
+            Contender::RouterPipe(kib) => format!("router-splice-pipe-{}", size_name(kib)),
         }
     }
 
     pub fn is_router(self) -> bool {
-        matches!(self, Contender::Router(_))
+        matches!(self, Contender::Router(_) | Contender::RouterPipe(_))
+    }
+}
+
+/// `64k`, `1m`: a size in KiB as the sweeps name it.
+pub fn size_name(kib: u32) -> String {
+    if kib >= 1024 && kib.is_multiple_of(1024) {
+        format!("{}m", kib / 1024)
+    } else {
+        format!("{kib}k")
     }
 }
 
@@ -95,6 +109,11 @@ pub struct Setup<'a> {
     pub agent: &'a Path,
     /// How to enable nginx's stream module, or why it cannot be.
     pub nginx_stream: &'a Result<String, String>,
+    /// A command that runs each proxy (`valgrind --tool=callgrind ...` for `cargo xtask
+    /// profile`); empty for the benchmark.
+    pub wrapper: &'a [String],
+    /// How long a contender may take to start answering.
+    pub startup_timeout: Duration,
 }
 
 /// The file that names the running contender's pid, for the cleanup watchdog.
@@ -113,6 +132,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The proxy's process id; `None` for `direct`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Peak RSS of the proxy's processes (`VmHWM`, workers included); `None` for `direct`.
     pub fn peak_rss(&self) -> Option<u64> {
         self.child
@@ -181,21 +205,48 @@ pub fn start(
         }),
         Contender::Haproxy => start_haproxy(protocol, setup),
         Contender::Nginx => start_nginx(protocol, setup),
-        Contender::Router(mode) => start_router(mode, protocol, setup),
+        Contender::Router(mode) => start_router(mode, None, protocol, setup),
+        Contender::RouterPipe(kib) => start_router(Datapath::Splice, Some(kib), protocol, setup),
     }
+}
+
+/// `command` run by `wrapper` (its program and arguments become the wrapper's last arguments),
+/// or `command` itself when there is no wrapper.
+fn wrapped(command: Command, wrapper: &[String]) -> Command {
+    let Some((program, wrapper_args)) = wrapper.split_first() else {
+        return command;
+    };
+    let mut outer = Command::new(program);
+    outer
+        .args(wrapper_args)
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => outer.env(key, value),
+            None => outer.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        outer.current_dir(dir);
+    }
+    outer
 }
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// Spawns `command` with its output in `log`, then waits for `target` to accept connections.
+/// Spawns `command` (under `setup.wrapper`, if any) with its output in `log`, then waits for
+/// `target` to accept connections.
 fn spawn(
-    mut command: Command,
+    command: Command,
     log: PathBuf,
     target: SocketAddr,
     what: &str,
+    setup: &Setup<'_>,
 ) -> anyhow::Result<Running> {
+    let mut command = wrapped(command, setup.wrapper);
     let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let child = command
         .stdin(Stdio::null())
@@ -213,7 +264,7 @@ fn spawn(
         log: Some(log),
         pid_file: Some(pid_file),
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + setup.startup_timeout;
     loop {
         running
             .check_alive()
@@ -223,7 +274,8 @@ fn spawn(
         }
         if Instant::now() > deadline {
             bail!(
-                "{what} does not listen on {target} after 10 s{}",
+                "{what} does not listen on {target} after {:?}{}",
+                setup.startup_timeout,
                 log_tail(running.log.as_deref())
             );
         }
@@ -243,6 +295,7 @@ fn start_haproxy(protocol: Protocol, setup: &Setup<'_>) -> anyhow::Result<Runnin
         setup.tmp.join("haproxy.log"),
         loopback(port),
         "haproxy",
+        setup,
     )
 }
 
@@ -322,6 +375,7 @@ fn start_nginx(protocol: Protocol, setup: &Setup<'_>) -> anyhow::Result<Running>
         setup.tmp.join("nginx.log"),
         loopback(port),
         "nginx",
+        setup,
     )
 }
 
@@ -423,7 +477,12 @@ pub fn nginx_stream_support() -> Result<String, String> {
     Err("it was built without the stream module (`nginx -V` shows no --with-stream)".into())
 }
 
-fn start_router(mode: Datapath, protocol: Protocol, setup: &Setup<'_>) -> anyhow::Result<Running> {
+fn start_router(
+    mode: Datapath,
+    pipe_kib: Option<u32>,
+    protocol: Protocol,
+    setup: &Setup<'_>,
+) -> anyhow::Result<Running> {
     let backends = setup.backends;
     let port = system::free_port()?;
     let admin_port = system::free_port()?;
@@ -449,15 +508,25 @@ fn start_router(mode: Datapath, protocol: Protocol, setup: &Setup<'_>) -> anyhow
         .args(["--admin", &admin.to_string()])
         .args(["--datapath", mode.flag()])
         .env("RUST_LOG", "warn");
-    let what = format!("router-agent --datapath {}", mode.flag());
-    let log = setup.tmp.join(format!("router-{}.log", mode.flag()));
-    let mut running = spawn(command, log, admin, &what)?;
+    let mut what = format!("router-agent --datapath {}", mode.flag());
+    let mut log = setup.tmp.join(format!("router-{}.log", mode.flag()));
+    if let Some(kib) = pipe_kib {
+        let config = setup.tmp.join(format!("router-pipe-{}.toml", size_name(kib)));
+        let bytes = u64::from(kib) * 1024;
+        fs::write(&config, format!("pipe_size_bytes = {bytes}\n"))
+            .with_context(|| format!("writing {}", config.display()))?;
+        command.arg("--config").arg(&config);
+        let _ = write!(what, " (pipe_size_bytes = {bytes})");
+        log = setup.tmp.join(format!("router-pipe-{}.log", size_name(kib)));
+    }
+    let mut running = spawn(command, log, admin, &what, setup)?;
     running.admin = Some(admin);
     let (domain, wanted) = match protocol {
         Protocol::Http => (&backends.domain, backends.replicas.len()),
         Protocol::Tunnel => (&backends.tunnel_domain, 1),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Discovery and the first probes take a moment after the admin API answers.
+    let deadline = Instant::now() + setup.startup_timeout * 2;
     loop {
         running
             .check_alive()
@@ -471,7 +540,8 @@ fn start_router(mode: Datapath, protocol: Protocol, setup: &Setup<'_>) -> anyhow
         if Instant::now() > deadline {
             bail!(
                 "{what}: /api/routes on {admin} does not list {wanted} `up` backend(s) for {domain} \
-                 after 20 s (it lists {up}){}",
+                 after {:?} (it lists {up}){}",
+                setup.startup_timeout * 2,
                 log_tail(running.log.as_deref())
             );
         }

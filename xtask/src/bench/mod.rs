@@ -7,10 +7,11 @@
 //! machine-wide CPU per request from /proc/stat (splice and sockmap forwarding runs in softirq
 //! and kernel workers, outside the proxy's own CPU time) and the proxy's peak RSS. Results go to
 //! `results/bench-<UTC time>.md` and `.svg` (`results/splice-sweep-<UTC time>.md` for
-//! `--splice-sweep`).
+//! `--splice-sweep`, `results/pipe-sweep-<UTC time>.md` for `--pipe-sweep`).
 mod backends;
 mod contenders;
 mod json;
+pub mod profile;
 mod report;
 mod system;
 mod tunnel;
@@ -40,8 +41,22 @@ pub struct Options {
     /// Scenario names to run (all when empty).
     pub scenarios: Vec<String>,
     pub quick: bool,
-    pub splice_sweep: bool,
+    pub study: Study,
 }
+
+/// What a run compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Study {
+    /// direct, `HAProxy`, nginx and router-agent in each datapath mode.
+    Comparison,
+    /// router copy against splice by body size: the splice threshold.
+    SpliceSweep,
+    /// router splice with pipes of several sizes: the pipe size.
+    PipeSweep,
+}
+
+/// Pipe sizes of `--pipe-sweep`, in KiB (1024 is the agent's default).
+const SWEEP_PIPE_KIB: [u32; 4] = [64, 256, 1024, 4096];
 
 /// One load pattern.
 #[derive(Debug, Clone)]
@@ -94,17 +109,31 @@ fn main_scenarios() -> Vec<Scenario> {
     ]
 }
 
-fn sweep_scenarios() -> Vec<Scenario> {
-    ["4k", "16k", "64k", "256k", "1m"]
-        .into_iter()
+fn sweep_scenarios(files: &[&'static str]) -> Vec<Scenario> {
+    files
+        .iter()
         .map(|file| http(&format!("sweep-{file}"), file, 20, false))
         .collect()
 }
 
-fn contenders_for(scenario: &Scenario, sweep: bool) -> Vec<Contender> {
-    use Contender::{Direct, Haproxy, Nginx, Router};
-    if sweep {
-        return vec![Router(Datapath::Copy), Router(Datapath::Splice)];
+fn scenarios_of(study: Study) -> Vec<Scenario> {
+    match study {
+        Study::Comparison => main_scenarios(),
+        Study::SpliceSweep => sweep_scenarios(&["4k", "16k", "64k", "256k", "1m"]),
+        Study::PipeSweep => {
+            let mut scenarios = sweep_scenarios(&["256k", "1m"]);
+            scenarios.extend(main_scenarios().into_iter().filter(|s| s.name == "tunnel"));
+            scenarios
+        }
+    }
+}
+
+fn contenders_for(scenario: &Scenario, study: Study) -> Vec<Contender> {
+    use Contender::{Direct, Haproxy, Nginx, Router, RouterPipe};
+    match study {
+        Study::SpliceSweep => return vec![Router(Datapath::Copy), Router(Datapath::Splice)],
+        Study::PipeSweep => return SWEEP_PIPE_KIB.into_iter().map(RouterPipe).collect(),
+        Study::Comparison => {}
     }
     let routers = match scenario.kind {
         Kind::Http { .. } => [Datapath::Copy, Datapath::Splice, Datapath::Auto],
@@ -134,7 +163,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let agent = prepare_agent(&tmp)?;
     let nginx_stream = contenders::nginx_stream_support();
 
-    let mut notes = caveats(options.splice_sweep);
+    let mut notes = caveats(options.study);
     notes.extend(busy_warning(&agent)?);
     let mut backends = Backends::new(&contenders::pid_file(&tmp))?;
     if scenarios
@@ -147,7 +176,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let plan: Vec<(Scenario, Vec<Contender>)> = scenarios
         .into_iter()
         .map(|s| {
-            let contenders = contenders_for(&s, options.splice_sweep);
+            let contenders = contenders_for(&s, options.study);
             (s, contenders)
         })
         .collect();
@@ -181,6 +210,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             tmp: &tmp,
             agent: &agent,
             nginx_stream: &nginx_stream,
+            wrapper: &[],
+            startup_timeout: Duration::from_secs(10),
         };
         for round in 1..=rounds {
             for &contender in contenders {
@@ -206,10 +237,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut rows = report::aggregate(&samples);
     add_unavailable_rows(&mut rows, &plan, &nginx_stream);
     let info = RunInfo {
-        title: if options.splice_sweep {
-            "router-agent splice sweep: --datapath copy vs splice by body size".into()
-        } else {
-            "router-agent benchmark: direct, HAProxy, nginx, router-agent".into()
+        title: match options.study {
+            Study::SpliceSweep => {
+                "router-agent splice sweep: --datapath copy vs splice by body size".into()
+            }
+            Study::PipeSweep => "router-agent pipe sweep: --datapath splice by pipe size".into(),
+            Study::Comparison => "router-agent benchmark: direct, HAProxy, nginx, router-agent".into(),
         },
         command: command_line(),
         machine: Machine::read(),
@@ -221,12 +254,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         notes,
     };
     let stamp = cmd::output("date", &["-u", "+%Y%m%dT%H%M%SZ"])?;
-    if options.splice_sweep {
-        let markdown = report::sweep_markdown(&info, &rows);
-        let path = results.join(format!("splice-sweep-{stamp}.md"));
-        write(&path, &markdown)?;
-        println!("\n{markdown}\nbench: wrote {}", path.display());
-    } else {
+    if options.study == Study::Comparison {
         let markdown = report::markdown(&info, &rows);
         let md_path = results.join(format!("bench-{stamp}.md"));
         let svg_path = results.join(format!("bench-{stamp}.svg"));
@@ -241,6 +269,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             md_path.display(),
             svg_path.display()
         );
+    } else {
+        let (markdown, name) = if options.study == Study::SpliceSweep {
+            (report::sweep_markdown(&info, &rows), "splice-sweep")
+        } else {
+            (report::pipe_sweep_markdown(&info, &rows), "pipe-sweep")
+        };
+        let path = results.join(format!("{name}-{stamp}.md"));
+        write(&path, &markdown)?;
+        println!("\n{markdown}\nbench: wrote {}", path.display());
     }
     let elapsed = started.elapsed().as_secs();
     println!("bench: took {}m{:02}s", elapsed / 60, elapsed % 60);
@@ -248,11 +285,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 fn select_scenarios(options: &Options) -> anyhow::Result<Vec<Scenario>> {
-    let all = if options.splice_sweep {
-        sweep_scenarios()
-    } else {
-        main_scenarios()
-    };
+    let all = scenarios_of(options.study);
     for scenario in &all {
         if let Kind::Http { file, .. } = scenario.kind
             && !images::BENCH_BODIES.iter().any(|(name, _)| *name == file)
@@ -547,7 +580,8 @@ fn revision(root: &Path) -> String {
     }
 }
 
-fn caveats(sweep: bool) -> Vec<String> {
+fn caveats(study: Study) -> Vec<String> {
+    let sweep = study != Study::Comparison;
     let mut notes = vec![
         "One machine does everything: wrk (2 threads), the backends and the proxy share its \
          CPUs, so the numbers compare contenders with each other; they are not any proxy's \

@@ -436,6 +436,59 @@ pub fn sweep_markdown(info: &RunInfo, rows: &[Row]) -> String {
     out
 }
 
+/// The pipe sweep: router splice by pipe size, each row against the default 1 MiB pipe.
+pub fn pipe_sweep_markdown(info: &RunInfo, rows: &[Row]) -> String {
+    const DEFAULT: &str = "router-splice-pipe-1m";
+    let mut out = header(info);
+    out.push_str(
+        "\n| scenario | pipe | req/s | MiB/s | vs 1m pipe | p99 | CPU µs/req (tunnel: s/GiB) | \
+         CPU vs 1m pipe | peak RSS MiB | errors | spread | spliced share |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for row in rows {
+        let default = find(rows, &row.scenario, DEFAULT);
+        let cpu = |r: &Row| {
+            r.cpu_per_unit.map(|c| {
+                if r.tunnel {
+                    format!("{c:.2} s/GiB")
+                } else {
+                    format!("{:.1}", c * 1e6)
+                }
+            })
+        };
+        let share = row.counters.and_then(|c| {
+            let total = c.copied + c.spliced + c.kernel;
+            (total > 0.0).then(|| format!("{:.0} %", 100.0 * c.spliced / total))
+        });
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.scenario.trim_start_matches("sweep-"),
+            row.contender.trim_start_matches("router-splice-pipe-"),
+            cell(row.requests_per_sec, |r| format!("{r:.0}")),
+            cell(row.bytes_per_sec, |b| format!("{:.1}", b / MIB)),
+            cell(ratio(row.headline(), default.and_then(Row::headline)), times),
+            cell(row.p99, latency),
+            cpu(row).unwrap_or_else(|| "–".into()),
+            cell(
+                ratio(row.cpu_per_unit, default.and_then(|d| d.cpu_per_unit)),
+                times
+            ),
+            cell(row.peak_rss, |b| format!("{:.1}", b / MIB)),
+            row.errors,
+            cell(row.spread, percent),
+            share.unwrap_or_else(|| "–".into()),
+        );
+    }
+    out.push_str(
+        "\n\"vs 1m pipe\" compares requests/s (MiB/s for 1 MiB bodies and the tunnel) with the \
+         agent's default pipe of 1 MiB; above 1× is faster. CPU below 1× is cheaper. Pipes over \
+         /proc/sys/fs/pipe-max-size are granted because the bench runs the agent as root.\n",
+    );
+    notes(&mut out, info, rows);
+    out
+}
+
 const COLORS: &[(&str, &str)] = &[
     ("direct", "#9e9e9e"),
     ("haproxy", "#1f77b4"),
