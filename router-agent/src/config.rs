@@ -324,8 +324,14 @@ mod tests {
         assert_eq!(defaults.proxy.splice_threshold, 256 * 1024);
         assert_eq!(defaults.proxy.pipe_size, 1024 * 1024);
         for (text, says) in [
-            ("pipe_size_bytes = 100\n", "pipe_size_bytes 100: use 4096 to"),
-            ("splice_threshold_bytes = 0\n", "splice_threshold_bytes must be at least 1"),
+            (
+                "pipe_size_bytes = 100\n",
+                "pipe_size_bytes 100: use 4096 to",
+            ),
+            (
+                "splice_threshold_bytes = 0\n",
+                "splice_threshold_bytes must be at least 1",
+            ),
         ] {
             let err = load(text).unwrap_err().to_string();
             assert!(err.contains(says), "{text}: {err}");

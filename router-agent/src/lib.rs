@@ -7,6 +7,7 @@ pub mod cidr;
 pub mod config;
 pub mod discovery;
 pub mod ebpf;
+pub mod fast_hash;
 pub mod health;
 pub mod http;
 pub mod labels;

@@ -5,7 +5,6 @@
 use std::{
     borrow::Cow,
     cmp::Reverse,
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
@@ -15,6 +14,7 @@ use std::{
 
 use crate::{
     balance::{Schedule, sticky_target_allowed},
+    fast_hash::FastHashMap,
     health::BackendState,
     labels::Scheme,
 };
@@ -110,8 +110,8 @@ pub struct RouteInput {
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     /// Routes per domain, longest context path first.
-    http: HashMap<String, Vec<Arc<Route>>>,
-    tcp: HashMap<u16, Arc<Route>>,
+    http: FastHashMap<String, Vec<Arc<Route>>>,
+    tcp: FastHashMap<u16, Arc<Route>>,
 }
 
 impl RoutingTable {

@@ -287,13 +287,9 @@ fn the_splice_threshold_and_pipe_size_come_from_the_config_file() {
     let spliced_for_one_body = |agent: &Agent| {
         agent.wait_up(&domain, &[&backend.id], Duration::from_secs(15));
         let before = counters(agent);
-        let response = tests::client::get(
-            agent.http_addr(),
-            &domain,
-            &format!("/bytes?n={BODY}"),
-            &[],
-        )
-        .expect("request");
+        let response =
+            tests::client::get(agent.http_addr(), &domain, &format!("/bytes?n={BODY}"), &[])
+                .expect("request");
         assert_eq!(response.status, 200);
         assert!(response.body == expected, "the body arrives intact");
         delta(&counters(agent), &before, "bytes_spliced")

@@ -1,4 +1,6 @@
 //! Response heads: validate what a backend answered and write the head the client receives.
+use std::mem::MaybeUninit;
+
 use super::{
     BodyFraming, MAX_HEADERS, check_transfer_codings, has_bare_lf, is_hop_by_hop, list_tokens,
     parse_content_length,
@@ -47,9 +49,14 @@ pub fn parse(
     client: &ClientSide<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, InvalidResponse> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    let head_len = match res.parse(buf) {
+    // Uninitialised, as for requests: httparse writes only the headers it finds.
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
             return Err(InvalidResponse("response head too large"));

@@ -50,6 +50,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>)
         shutdown: ctx.shutdown.clone(),
         client: stream,
         peer,
+        peer_ip: peer.ip().to_string(),
         ctx,
         buf: BytesMut::with_capacity(HEAD_READ_CHUNK),
         request_head: Vec::with_capacity(1024),
@@ -85,6 +86,8 @@ enum Attempt {
 struct Connection {
     client: TcpStream,
     peer: SocketAddr,
+    /// `peer`'s address as text, for `X-Forwarded-For`.
+    peer_ip: String,
     ctx: Arc<ProxyContext>,
     shutdown: watch::Receiver<bool>,
     /// Bytes from the client not handled yet (a head, a body, the next pipelined request).
@@ -127,7 +130,7 @@ impl Connection {
     async fn read_request_head(&mut self) -> io::Result<Option<RequestHead>> {
         let settings = &self.ctx.settings;
         let forward = ForwardContext {
-            client_ip: self.peer.ip(),
+            client_ip: &self.peer_ip,
             forwarded_headers: settings.forwarded_headers,
         };
         let mut head_deadline =

@@ -6,7 +6,7 @@
 //! idle longer than the idle limit are closed when next seen (backends close idle connections on
 //! their own schedule, and a stale one costs a failed write).
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     sync::Mutex,
     time::{Duration, Instant},
@@ -14,6 +14,7 @@ use std::{
 
 use super::upstream::Upstream;
 use crate::{
+    fast_hash::FastHashMap,
     health::BackendState,
     table::{Backend, RoutingTable},
 };
@@ -31,7 +32,7 @@ const FRESH: Duration = Duration::from_millis(500);
 pub struct Pool {
     /// Keyed by backend address; each connection also remembers its container, which is checked
     /// on the way out (a new container may reuse the address).
-    idle: Mutex<HashMap<SocketAddr, Vec<(Upstream, Instant)>>>,
+    idle: Mutex<FastHashMap<SocketAddr, Vec<(Upstream, Instant)>>>,
 }
 
 impl Pool {

@@ -318,7 +318,7 @@ mod tests {
         let (mut writer, src) = pair().await;
         let (dst, mut reader) = pair().await;
         tokio::spawn(async move {
-            writer.write_all(&[7u8; 100_000]).await.unwrap();
+            writer.write_all(&vec![7u8; 100_000]).await.unwrap();
         });
         let moved = transfer(&src, &dst, None, &PipePool::default(), &AtomicU64::new(0))
             .await

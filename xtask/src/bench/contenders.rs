@@ -511,13 +511,17 @@ fn start_router(
     let mut what = format!("router-agent --datapath {}", mode.flag());
     let mut log = setup.tmp.join(format!("router-{}.log", mode.flag()));
     if let Some(kib) = pipe_kib {
-        let config = setup.tmp.join(format!("router-pipe-{}.toml", size_name(kib)));
+        let config = setup
+            .tmp
+            .join(format!("router-pipe-{}.toml", size_name(kib)));
         let bytes = u64::from(kib) * 1024;
         fs::write(&config, format!("pipe_size_bytes = {bytes}\n"))
             .with_context(|| format!("writing {}", config.display()))?;
         command.arg("--config").arg(&config);
         let _ = write!(what, " (pipe_size_bytes = {bytes})");
-        log = setup.tmp.join(format!("router-pipe-{}.log", size_name(kib)));
+        log = setup
+            .tmp
+            .join(format!("router-pipe-{}.log", size_name(kib)));
     }
     let mut running = spawn(command, log, admin, &what, setup)?;
     running.admin = Some(admin);

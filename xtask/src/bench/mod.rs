@@ -242,7 +242,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "router-agent splice sweep: --datapath copy vs splice by body size".into()
             }
             Study::PipeSweep => "router-agent pipe sweep: --datapath splice by pipe size".into(),
-            Study::Comparison => "router-agent benchmark: direct, HAProxy, nginx, router-agent".into(),
+            Study::Comparison => {
+                "router-agent benchmark: direct, HAProxy, nginx, router-agent".into()
+            }
         },
         command: command_line(),
         machine: Machine::read(),

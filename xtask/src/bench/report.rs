@@ -467,7 +467,10 @@ pub fn pipe_sweep_markdown(info: &RunInfo, rows: &[Row]) -> String {
             row.contender.trim_start_matches("router-splice-pipe-"),
             cell(row.requests_per_sec, |r| format!("{r:.0}")),
             cell(row.bytes_per_sec, |b| format!("{:.1}", b / MIB)),
-            cell(ratio(row.headline(), default.and_then(Row::headline)), times),
+            cell(
+                ratio(row.headline(), default.and_then(Row::headline)),
+                times
+            ),
             cell(row.p99, latency),
             cpu(row).unwrap_or_else(|| "–".into()),
             cell(
