@@ -141,15 +141,14 @@ impl KernelOffload {
         let _ = maps.drained.insert(cookie, drained, 0);
     }
 
-    /// Takes the pair out of the kernel path; returns the bytes it redirected in total.
-    pub fn detach_pair(&self, pair: OffloadedPair) -> u64 {
+    /// Takes the pair out of the kernel path; returns the last entries of its two directions
+    /// (client to backend, backend to client).
+    pub fn detach_pair(&self, pair: OffloadedPair) -> (TunnelEntry, TunnelEntry) {
         let mut maps = self.maps.lock().expect("offload maps lock");
-        let total = [pair.client, pair.backend]
-            .iter()
-            .map(|c| maps.tunnels.get(c, 0).map_or(0, |e| e.bytes_redirected))
-            .sum();
+        let entry = |cookie| maps.tunnels.get(&cookie, 0).unwrap_or_default();
+        let directions = (entry(pair.client), entry(pair.backend));
         maps.remove(pair);
-        total
+        directions
     }
 
     /// Sockets in the sockhash now (the kernel also drops closed sockets by itself).

@@ -51,6 +51,64 @@ impl Pattern {
     }
 }
 
+/// How far the stream of `seed` must be searched for misplaced bytes, either way.
+const SHIFT_SEARCH: u64 = 8 * 1024 * 1024;
+/// Bytes compared to place a run of received bytes in the stream.
+const PROBE: usize = 256;
+
+/// Explains a piece of a received stream that does not match: the stream offset of the first
+/// wrong byte, and where in the stream the bytes found there really come from (a negative
+/// shift means bytes delivered again, a positive one bytes skipped).
+pub fn describe_mismatch(seed: u64, offset: u64, got: &[u8]) -> String {
+    let mut expected = vec![0u8; got.len()];
+    let mut pattern = Pattern::new(seed);
+    skip(&mut pattern, offset);
+    pattern.fill(&mut expected);
+    let Some(first) = expected.iter().zip(got).position(|(e, g)| e != g) else {
+        return format!(
+            "no difference in the {} bytes at offset {offset}",
+            got.len()
+        );
+    };
+    let wrong_at = offset + first as u64;
+    let probe = &got[first..got.len().min(first + PROBE)];
+    let start = wrong_at.saturating_sub(SHIFT_SEARCH);
+    let mut window = vec![0u8; (2 * SHIFT_SEARCH) as usize + probe.len()];
+    let mut pattern = Pattern::new(seed);
+    skip(&mut pattern, start);
+    pattern.fill(&mut window);
+    let found = window
+        .windows(probe.len())
+        .position(|w| w == probe)
+        .map(|at| (start + at as u64).cast_signed() - wrong_at.cast_signed());
+    match found {
+        Some(shift) => format!(
+            "first wrong byte at stream offset {wrong_at}; the bytes there are the stream's \
+             from offset {} (shift {shift:+} bytes: {})",
+            wrong_at.cast_signed() + shift,
+            if shift < 0 {
+                "delivered again"
+            } else {
+                "skipped"
+            }
+        ),
+        None => format!(
+            "first wrong byte at stream offset {wrong_at}; the {} bytes there appear nowhere \
+             within {SHIFT_SEARCH} bytes of it",
+            probe.len()
+        ),
+    }
+}
+
+fn skip(pattern: &mut Pattern, mut bytes: u64) {
+    let mut sink = vec![0u8; 64 * 1024];
+    while bytes > 0 {
+        let n = bytes.min(sink.len() as u64) as usize;
+        pattern.fill(&mut sink[..n]);
+        bytes -= n as u64;
+    }
+}
+
 /// Sends `size` bytes of `Pattern::new(seed)` on `stream` from another thread, in 64 KiB
 /// blocks, then half-closes; runs `before_reading`; then reads until EOF, checking that what
 /// comes back is the same stream. Returns how many bytes came back before EOF; panics, naming
@@ -86,7 +144,8 @@ pub fn echo_round_trip(
         }
         assert!(
             pattern.matches(&buf[..n]),
-            "{label}: echoed bytes differ at offset {received}"
+            "{label}: echoed bytes differ in the {n} bytes read at offset {received}: {}",
+            describe_mismatch(seed, received, &buf[..n])
         );
         received += n as u64;
     }
@@ -97,6 +156,30 @@ pub fn echo_round_trip(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_run_is_described_as_delivered_again() {
+        let mut stream = vec![0u8; 300_000];
+        Pattern::new(9).fill(&mut stream);
+        // Bytes 100_000..200_000 arrive, then 150_000.. again.
+        let mut got = stream[100_000..200_000].to_vec();
+        got.extend_from_slice(&stream[150_000..160_000]);
+        let text = describe_mismatch(9, 100_000, &got);
+        assert!(
+            text.contains("offset 200000") && text.contains("shift -50000"),
+            "{text}"
+        );
+        let skipped = describe_mismatch(
+            9,
+            0,
+            &stream[..1000]
+                .iter()
+                .chain(&stream[5000..6000])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        assert!(skipped.contains("shift +4000 bytes: skipped"), "{skipped}");
+    }
 
     #[test]
     fn the_stream_does_not_depend_on_how_it_is_cut() {

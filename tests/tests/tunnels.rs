@@ -198,9 +198,9 @@ fn a_receiver_that_stops_reading_bounds_the_kernel_backlog_and_loses_nothing() {
     assert_eq!(received, TOTAL, "every byte came back in order, then EOF");
 }
 
-/// Known defect, kept visible: under this load some directions are demoted to userspace, and in
-/// about one run in eight a tunnel delivers a 64 KiB run twice (the peer's bytes differ at some
-/// offset). `--datapath auto` splices tunnels because of it. Run with
+/// Known defect, kept visible: in about one run in 20 to 60 a tunnel delivers 64 to 128 KiB twice,
+/// and the agent's end-of-tunnel counters show the kernel judged those bytes twice (README.md,
+/// "Data path"). `--datapath auto` splices tunnels because of it. Run with
 /// `cargo xtask test eight_concurrent --ignored`.
 #[test]
 #[ignore = "known defect of the kernel path under concurrent load; auto mode splices tunnels"]

@@ -51,10 +51,11 @@ impl ProxyContext {
             Mode::Copy => TunnelPath::Copy,
             Mode::Sockmap if self.offload.is_some() && !spliced => TunnelPath::Kernel,
             // `auto` splices tunnels: in `cargo xtask bench` (8 tunnels x 64 MiB) splice moved
-            // more bytes per second with less CPU than the kernel path (1648 against 1480 MiB/s,
-            // 1.22 against 1.38 CPU s/GiB), and in 1 of 40 of those kernel-path connections
-            // the peer received a 64 KiB run twice, which no test reproduces yet (README.md,
-            // "Data path"). The kernel path stays available as `--datapath sockmap`.
+            // more bytes per second with less CPU than the kernel path (1877 against 1722 MiB/s,
+            // 1.08 against 1.18 CPU s/GiB), and under that load the kernel now and then judges
+            // 64 to 128 KiB of a stream twice, so the peer gets them twice (the ignored test
+            // `eight_concurrent_tunnels_under_load_deliver_every_byte`; README.md, "Data
+            // path"). The kernel path stays available as `--datapath sockmap`.
             Mode::Splice | Mode::Sockmap | Mode::Auto => TunnelPath::Splice,
         }
     }
@@ -199,14 +200,26 @@ async fn kernel(
             }
         }
     }
-    let redirected = offload.detach_pair(pair);
+    let (up, down) = offload.detach_pair(pair);
+    let redirected = up.bytes_redirected + down.bytes_redirected;
     Metrics::add(&metrics.bytes_kernel, redirected);
     if ended_by_reset {
         // One side was reset: reset the other too rather than let it wait for a FIN.
         reset(client);
         reset(backend);
     }
-    debug!(redirected, reset = ended_by_reset, "kernel tunnel ended");
+    // Per direction: a stream judged twice by the kernel shows as more bytes redirected than
+    // the stream carried.
+    debug!(
+        up_redirected = up.bytes_redirected,
+        up_passed = up.bytes_passed,
+        up_demoted = up.demoted,
+        down_redirected = down.bytes_redirected,
+        down_passed = down.bytes_passed,
+        down_demoted = down.demoted,
+        reset = ended_by_reset,
+        "kernel tunnel ended"
+    );
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,6 +263,10 @@ impl Direction<'_> {
                     self.report_drained(offload);
                     Step::Continue
                 }
+                // A socket the kernel forwards also wakes up while bytes pass through it
+                // (hundreds of times per 48 MiB under load), and the receive call then returns
+                // nothing. These calls cannot be skipped: without them a stream under load
+                // stalls with megabytes stuck in the kernel (tried; README.md, "Data path").
                 r = self.from.readable() => match r {
                     Ok(()) => self.on_readable(offload, metrics).await,
                     Err(_) => Step::Reset,
@@ -343,11 +360,22 @@ impl Direction<'_> {
     ) -> io::Result<()> {
         if !self.in_userspace {
             self.in_userspace = true;
-            if offload.direction(self.from_cookie).demoted != 0 {
+            let entry = offload.direction(self.from_cookie);
+            if entry.demoted != 0 {
                 Metrics::add(&metrics.tunnels_demoted, 1);
                 debug!(
                     cookie = self.from_cookie,
+                    redirected = entry.bytes_redirected,
+                    passed = entry.bytes_passed,
+                    first_read = bytes.len(),
                     "tunnel direction demoted to userspace: the peer does not keep up"
+                );
+            } else {
+                debug!(
+                    cookie = self.from_cookie,
+                    redirected = entry.bytes_redirected,
+                    first_read = bytes.len(),
+                    "tunnel direction read bytes in userspace without a demotion"
                 );
             }
             if !self.wait_flushed(offload, STALL_TIMEOUT).await {
