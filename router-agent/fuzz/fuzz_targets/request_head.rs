@@ -2,8 +2,6 @@
 //! head that lies inside the input and a rewritten head that parses again as a complete request.
 #![no_main]
 
-use std::net::{IpAddr, Ipv4Addr};
-
 use libfuzzer_sys::fuzz_target;
 
 mod prefix;
@@ -12,8 +10,8 @@ use router_agent::http::{
     request::{self, ForwardContext, RequestHead},
 };
 
-const CTX: ForwardContext = ForwardContext {
-    client_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 7)),
+const CTX: ForwardContext<'static> = ForwardContext {
+    client_ip: "198.18.0.7",
     forwarded_headers: true,
 };
 
