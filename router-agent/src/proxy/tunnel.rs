@@ -265,8 +265,9 @@ impl Direction<'_> {
                 }
                 // A socket the kernel forwards also wakes up while bytes pass through it
                 // (hundreds of times per 48 MiB under load), and the receive call then returns
-                // nothing. These calls cannot be skipped: without them a stream under load
-                // stalls with megabytes stuck in the kernel (tried; README.md, "Data path").
+                // nothing. These calls cannot be skipped: without them, or with SO_RCVLOWAT and
+                // TCP_QUICKACK nudges in their place, a stream under load stalls with megabytes
+                // stuck in the kernel (tried; README.md, "Data path").
                 r = self.from.readable() => match r {
                     Ok(()) => self.on_readable(offload, metrics).await,
                     Err(_) => Step::Reset,
