@@ -195,7 +195,7 @@ fn tcp_route_echo_is_intact_through_every_datapath_mode() {
             "copy" => assert!(copied >= 2 * SIZE && spliced == 0 && kernel == 0, "{mode}"),
             // `auto` splices tunnels (README.md, "Data path").
             "splice" | "auto" => {
-                assert!(spliced >= 2 * SIZE && copied == 0 && kernel == 0, "{mode}")
+                assert!(spliced >= 2 * SIZE && copied == 0 && kernel == 0, "{mode}");
             }
             // The kernel carries every byte, unless a direction's peer falls more than the
             // kernel backlog bound behind: that direction is then demoted and copied in

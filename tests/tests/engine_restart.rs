@@ -84,9 +84,9 @@ impl EngineCommand {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
-            .spawn()
-            .expect("dockerd starts");
-        wait_for("dockerd to answer again", Duration::from_secs(60), || {
+            .status()
+            .expect("setsid forks dockerd off and returns");
+        wait_for("dockerd to answer again", Duration::from_mins(1), || {
             docker_ok(&["info"])
         });
     }

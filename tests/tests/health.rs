@@ -73,7 +73,7 @@ fn http_probe_failure_takes_the_replica_out_and_recovery_brings_it_back() {
     let flaky = Container::backend(&unique("probe-http"), &labels);
     let steady = Container::backend(&unique("probe-http"), &labels);
     check_out_and_back(&agent, &domain, &flaky, &steady, |ok| {
-        set_health(&flaky, ok)
+        set_health(&flaky, ok);
     });
     let view = agent.container(&flaky.id).expect("in /api/containers");
     let history = view["history"].to_string();
@@ -134,6 +134,6 @@ fn docker_healthcheck_status_is_honoured() {
     );
     let steady = run(&unique("healthcheck"));
     check_out_and_back(&agent, &domain, &flaky, &steady, |ok| {
-        set_health(&flaky, ok)
+        set_health(&flaky, ok);
     });
 }

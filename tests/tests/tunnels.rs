@@ -214,7 +214,7 @@ fn eight_concurrent_tunnels_under_load_deliver_every_byte() {
             std::thread::spawn(move || {
                 let stream = TcpStream::connect(addr).expect("connect");
                 stream
-                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .set_read_timeout(Some(Duration::from_mins(1)))
                     .expect("timeout");
                 echo_round_trip(&format!("tunnel {seed}"), stream, seed + 100, EACH, || {})
             })

@@ -62,7 +62,7 @@ fn start() -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .spawn()
+        .status()
         .context("could not start dockerd; is docker.io installed?")?;
     let deadline = Instant::now() + Duration::from_mins(1);
     while !engine_answers() {

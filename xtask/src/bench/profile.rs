@@ -218,7 +218,7 @@ fn parse_annotate(text: &str) -> anyhow::Result<(u64, Vec<(u64, String)>)> {
         }
     }
     let total = total.context("no PROGRAM TOTALS line in callgrind_annotate's output")?;
-    functions.sort_by(|a, b| b.0.cmp(&a.0));
+    functions.sort_by_key(|(count, _)| std::cmp::Reverse(*count));
     Ok((total, functions))
 }
 
