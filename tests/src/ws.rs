@@ -47,26 +47,9 @@ impl WebSocket {
         ))
     }
 
-    /// Sends one masked frame.
+    /// Sends one masked, final frame.
     pub fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
-        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                // Length marker 126: a 16-bit length follows.
-                frame.push(0x80 | 0x7e);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                // Length marker 127: a 64-bit length follows.
-                frame.push(0x80 | 0x7f);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame)
+        self.stream.write_all(&client_frame(true, opcode, payload))
     }
 
     /// Reads one (unmasked, server) frame: (opcode, payload).
@@ -114,4 +97,26 @@ impl WebSocket {
         let mut byte = [0u8; 1];
         self.pending.is_empty() && matches!(self.stream.read(&mut byte), Ok(0))
     }
+}
+
+/// A client frame: masked, as RFC 6455 requires of clients (a fixed mask is enough for tests).
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            // Length marker 126: a 16-bit length follows.
+            frame.push(0x80 | 0x7e);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            // Length marker 127: a 64-bit length follows.
+            frame.push(0x80 | 0x7f);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
 }

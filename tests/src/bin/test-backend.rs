@@ -2045,27 +2045,9 @@ mod tests {
         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n\
         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
-    /// A client frame: masked, as RFC 6455 requires.
+    /// A client frame from the first header byte (FIN bit and opcode): the harness's.
     fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut frame = websocket::encode(b0 & 0x80 != 0, b0 & 0x0f, &[]);
-        frame.truncate(1);
-        match payload.len() {
-            n @ 0..=125 => frame.push(0x80 | n as u8),
-            n @ 126..=0xffff => {
-                frame.push(0x80 | 0x7e);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 0x7f);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        let mut masked = payload.to_vec();
-        websocket::unmask(&mut masked, mask);
-        frame.extend_from_slice(&masked);
-        frame
+        ::tests::ws::client_frame(b0 & 0x80 != 0, b0 & 0x0f, payload)
     }
 
     /// Reads exactly `n` more bytes.
