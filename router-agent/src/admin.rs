@@ -160,7 +160,7 @@ fn routes_json(state: &AdminState) -> String {
             offloaded_sockets: state.proxy.offload.as_ref().map(|o| o.offloaded_sockets()),
             tunnels: state.proxy.tunnel_path(false).name(),
             splice_threshold: state.proxy.splice_threshold(),
-            pipe_size: state.proxy.pipe_size,
+            pipe_size: state.proxy.pipes.granted_size(),
             counters: state.proxy.metrics.datapath(),
         },
     })

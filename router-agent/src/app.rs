@@ -56,14 +56,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let offload = offload.map(Arc::new);
-    let pipes = proxy::PipePool::new(config.proxy.pipe_size);
-    let pipe_size = pipes
-        .granted_size()
+    let pipes = proxy::PipePool::new(config.proxy.pipe_size)
         .context("creating a splice pipe; is the open-files limit exhausted?")?;
-    if pipe_size < config.proxy.pipe_size {
+    if pipes.granted_size() < config.proxy.pipe_size {
         warn!(
             asked = config.proxy.pipe_size,
-            granted = pipe_size,
+            granted = pipes.granted_size(),
             "splice pipes are smaller than pipe_size_bytes asks: raise \
              /proc/sys/fs/pipe-max-size, or run with CAP_SYS_RESOURCE"
         );
@@ -78,7 +76,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         offload: offload.clone(),
         pool: proxy::Pool::default(),
         pipes,
-        pipe_size,
     });
     tokio::spawn(proxy::maintain_pool(ctx.clone()));
     let mut route_addresses: Vec<_> = config.listen.iter().map(std::net::SocketAddr::ip).collect();

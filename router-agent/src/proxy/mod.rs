@@ -32,8 +32,9 @@ use crate::{
 };
 
 /// Bodies (and chunks) at least this large go through splice(2) in `auto` mode by default
-/// (`splice_threshold_bytes` in the TOML file); smaller ones are copied. Measured with `cargo xtask bench --splice-sweep` (README.md, "Performance"): splice
-/// lost to copy up to 64 KiB (0.76x to 0.93x requests/s) and won from 256 KiB (1.08x to 1.12x).
+/// (`splice_threshold_bytes` in the TOML file); smaller ones are copied. Measured with
+/// `cargo xtask bench --splice-sweep` (README.md, "Performance"): splice lost to copy up to
+/// 64 KiB (0.76x to 0.93x requests/s) and won from 256 KiB (1.08x to 1.12x).
 pub const SPLICE_THRESHOLD: u64 = 256 * 1024;
 
 /// What every connection task shares.
@@ -50,8 +51,6 @@ pub struct ProxyContext {
     pub offload: Option<Arc<KernelOffload>>,
     pub pool: Pool,
     pub pipes: PipePool,
-    /// Capacity the kernel granted the splice pipes.
-    pub pipe_size: usize,
 }
 
 impl ProxyContext {

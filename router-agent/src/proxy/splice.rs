@@ -60,20 +60,25 @@ pub struct PipePool {
     free: Mutex<Vec<Pipe>>,
     /// Capacity asked for each new pipe.
     size: usize,
-}
-
-impl Default for PipePool {
-    fn default() -> Self {
-        Self::new(DEFAULT_PIPE_SIZE)
-    }
+    /// Capacity the kernel granted the first pipe (it rounds up to a power of two pages, and
+    /// refuses more than /proc/sys/fs/pipe-max-size to an unprivileged process).
+    granted: usize,
 }
 
 impl PipePool {
-    pub fn new(size: usize) -> Self {
-        Self {
-            free: Mutex::new(Vec::new()),
+    /// A pool asking for pipes of `size` bytes, with its first pipe made (which tells what the
+    /// kernel grants).
+    pub fn new(size: usize) -> io::Result<Self> {
+        let first = Pipe::new(size)?;
+        Ok(Self {
+            granted: first.capacity,
+            free: Mutex::new(vec![first]),
             size,
-        }
+        })
+    }
+
+    pub fn granted_size(&self) -> usize {
+        self.granted
     }
 
     pub fn get(&self) -> io::Result<Pipe> {
@@ -81,15 +86,6 @@ impl PipePool {
             Some(pipe) => Ok(pipe),
             None => Pipe::new(self.size),
         }
-    }
-
-    /// The capacity the kernel grants a new pipe of this pool (it rounds up to a power of two
-    /// pages, and refuses more than /proc/sys/fs/pipe-max-size to an unprivileged process).
-    pub fn granted_size(&self) -> io::Result<usize> {
-        let pipe = self.get()?;
-        let capacity = pipe.capacity;
-        self.put(pipe);
-        Ok(capacity)
     }
 
     /// Returns an emptied pipe for reuse.
@@ -267,7 +263,7 @@ mod tests {
                 writer
             })
         };
-        let pipes = PipePool::default();
+        let pipes = PipePool::new(DEFAULT_PIPE_SIZE).unwrap();
         let counter = AtomicU64::new(0);
         let receiver = tokio::spawn(async move {
             let mut got = vec![0u8; 3_000_000];
@@ -306,7 +302,7 @@ mod tests {
             &src,
             &dst,
             Some(100),
-            &PipePool::default(),
+            &PipePool::new(DEFAULT_PIPE_SIZE).unwrap(),
             &AtomicU64::new(0),
         )
         .await;
@@ -320,7 +316,8 @@ mod tests {
         tokio::spawn(async move {
             writer.write_all(&vec![7u8; 100_000]).await.unwrap();
         });
-        let moved = transfer(&src, &dst, None, &PipePool::default(), &AtomicU64::new(0))
+        let pipes = PipePool::new(DEFAULT_PIPE_SIZE).unwrap();
+        let moved = transfer(&src, &dst, None, &pipes, &AtomicU64::new(0))
             .await
             .unwrap();
         assert_eq!(moved, 100_000);
