@@ -18,7 +18,7 @@ use crate::{
     health::BackendState,
     labels::Scheme,
     metrics::DatapathCounters,
-    proxy::{Pool, ProxyContext},
+    proxy::{Phase, Pool, ProxyContext},
     registry::Published,
     table::Route,
 };
@@ -34,10 +34,16 @@ impl AdminState {
     }
 }
 
+/// Serves until the agent drains (a successor then answers on the same address).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     info!("admin API on {:?}", listener.local_addr().ok());
+    let mut phase = state.proxy.phase.clone();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = phase.wait_for(|p| *p == Phase::Draining) => return,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -76,11 +82,11 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
     let (status, content_type, body) = match path.as_deref() {
         Some("/api/routes") => (200, "application/json", routes_json(state)),
         Some("/api/containers") => (200, "application/json", containers_json(state)),
-        Some("/healthz") => (200, "application/json", healthz_json(state)),
+        Some("/healthz") => healthz(state),
         Some("/metrics") => (
             200,
             "text/plain; version=0.0.4",
-            state.proxy.metrics.render(),
+            state.proxy.metrics.render() + &state.proxy.render_state_metrics(),
         ),
         Some(_) => (
             404,
@@ -205,11 +211,28 @@ fn containers_json(state: &AdminState) -> String {
     .to_string()
 }
 
-fn healthz_json(state: &AdminState) -> String {
-    json!({
-        "status": "ok",
+/// 200 while the agent serves normally; 503 while it is starting (before its first Docker
+/// sync), overloaded (connection limit reached or descriptors exhausted in the last seconds),
+/// or stopping, so that whatever watches it can tell.
+fn healthz(state: &AdminState) -> (u16, &'static str, String) {
+    let ready = *state.published().ready.borrow();
+    let phase = *state.proxy.phase.borrow();
+    let overloaded = state.proxy.admission.overloaded();
+    let status = match (ready, phase, overloaded) {
+        (_, Phase::HandingOver | Phase::Draining, _) => "stopping",
+        (false, _, _) => "starting",
+        (true, Phase::Serving, Some(_)) => "overloaded",
+        (true, Phase::Serving, None) => "ok",
+    };
+    let body = json!({
+        "status": status,
+        "overloaded": overloaded,
         "engine_connected": state.published().engine_connected.load(Ordering::Relaxed),
         "kernel_offload": state.proxy.offload.is_some(),
+        "connections": state.proxy.metrics.connections_open(),
+        "max_connections": state.proxy.admission.max_connections(),
     })
-    .to_string()
+    .to_string();
+    let code = if status == "ok" { 200 } else { 503 };
+    (code, "application/json", body)
 }

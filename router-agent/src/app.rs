@@ -1,14 +1,13 @@
 //! Start-up and shutdown: wires discovery and probes to the registry, the registry to the
-//! listeners and the admin API, and waits for SIGTERM.
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+//! listeners and the admin API; serves only once ready, and hands over to a successor at
+//! SIGTERM (see `handover`).
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
+    time::Instant,
 };
 use tracing::{info, warn};
 
@@ -17,10 +16,17 @@ use crate::{
     config::{Config, DatapathMode},
     discovery,
     ebpf::KernelOffload,
+    handover,
     metrics::Metrics,
-    proxy::{self, ProxyContext},
-    registry::{Message, Published, Registry},
+    proxy::{self, Phase, ProxyContext},
+    registry::{Message, Published, Registry, RegistrySettings},
 };
+
+/// The longest the agent waits for its first Docker sync and first health checks before it
+/// serves anyway (an engine that does not answer must not keep the router down).
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a handing-over agent looks for its successor's listeners.
+const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let offload = load_kernel_offload(config.datapath)?;
@@ -31,8 +37,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let docker = discovery::DockerHandle::default();
     tokio::spawn(
         Registry::new(
-            config.default_domain.clone(),
-            config.internal_cidrs.is_none(),
+            RegistrySettings {
+                default_domain: config.default_domain.clone(),
+                auto_cidrs: config.internal_cidrs.is_none(),
+                backend_max_connections: config.proxy.backend_max_connections,
+            },
             docker.clone(),
             registry_tx.clone(),
             published.clone(),
@@ -54,9 +63,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let offload = offload.map(Arc::new);
-    let pipes = proxy::PipePool::new(config.proxy.pipe_size)
+    // Pipes cost two descriptors each: half the connection limit keeps them within the budget
+    // `config::default_max_connections` reserves.
+    let pipes = proxy::PipePool::new(config.proxy.pipe_size, config.max_connections / 2)
         .context("creating a splice pipe; is the open-files limit exhausted?")?;
     if pipes.granted_size() < config.proxy.pipe_size {
         warn!(
@@ -71,38 +82,93 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         settings: config.proxy.clone(),
         metrics: metrics.clone(),
         registry: registry_tx,
-        shutdown: shutdown_rx,
+        phase: phase_rx,
         datapath: config.datapath,
         offload: offload.clone(),
-        pool: proxy::Pool::default(),
+        pool: proxy::Pool::new(config.max_connections),
         pipes,
+        admission: proxy::Admission::new(config.max_connections),
     });
     tokio::spawn(proxy::maintain_pool(ctx.clone()));
-    let mut route_addresses: Vec<_> = config.listen.iter().map(std::net::SocketAddr::ip).collect();
+    let admin = admin::AdminState { proxy: ctx.clone() };
+    tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
+    handover::enable_request_migration();
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        () = wait_until_ready(&published) => {}
+        _ = terminate.recv() => return Ok(()),
+        _ = interrupt.recv() => return Ok(()),
+    }
+    let mut route_addresses: Vec<_> = config.listen.iter().map(SocketAddr::ip).collect();
     route_addresses.dedup();
     tokio::spawn(proxy::serve_tcp_routes(ctx.clone(), route_addresses));
     proxy::spawn_workers(&ctx, &config.listen, config.workers)?;
-    let admin = admin::AdminState { proxy: ctx.clone() };
-    tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
-
-    wait_for_stop_signal().await?;
     info!(
-        "shutting down: no new connections; waiting up to {:?} for in-flight requests",
-        config.shutdown_grace
+        max_connections = config.max_connections,
+        "serving; SIGTERM hands over to a successor on the same ports, then drains"
     );
-    let _ = shutdown_tx.send(true);
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
-    while metrics.connections_active.load(Ordering::Relaxed) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    let stop_deadline = Instant::now() + config.shutdown_grace;
+    phase_tx.send_replace(Phase::HandingOver);
+    let handover_deadline = Instant::now() + config.handover_timeout.min(config.shutdown_grace);
+    info!(
+        "SIGTERM: accepting until a successor listens on {:?} (at most {:?}), then draining",
+        config.listen,
+        config.handover_timeout.min(config.shutdown_grace)
+    );
+    if wait_for_successor(&config.listen, config.workers, handover_deadline).await {
+        info!("a successor listens on every HTTP port: no longer accepting");
+    } else {
+        info!("no successor within the handover timeout: no longer accepting");
+    }
+    phase_tx.send_replace(Phase::Draining);
+    while ctx.metrics.connections_open() > 0 && Instant::now() < stop_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = metrics.connections_active.load(Ordering::Relaxed);
+    let left = ctx.metrics.connections_open();
     if left > 0 {
         warn!("{left} connection(s) still open at the shutdown deadline; closing them");
     }
     drop(offload);
     Ok(())
+}
+
+/// Waits for the registry's first sync and first checks, at most [`READY_TIMEOUT`]: serving
+/// before would answer 404 for known domains and 503 for healthy backends still `starting`.
+async fn wait_until_ready(published: &Published) {
+    let mut ready = published.ready.subscribe();
+    if tokio::time::timeout(READY_TIMEOUT, ready.wait_for(|r| *r))
+        .await
+        .is_err()
+    {
+        warn!(
+            "not ready after {READY_TIMEOUT:?} (Docker engine unreachable, or slow first health \
+             checks): serving anyway with what is known"
+        );
+    }
+}
+
+/// Polls the kernel's socket table until every HTTP address has more listeners than this
+/// agent's own `workers` sockets, or the deadline passes. Returns whether a successor showed.
+async fn wait_for_successor(listen: &[SocketAddr], workers: usize, deadline: Instant) -> bool {
+    loop {
+        if listen
+            .iter()
+            .all(|addr| handover::listeners_on(*addr) > workers)
+        {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(SUCCESSOR_POLL).await;
+    }
 }
 
 /// Loads the eBPF side unless the datapath mode excludes it. Failure is not fatal in `auto`:
@@ -125,14 +191,4 @@ fn load_kernel_offload(mode: DatapathMode) -> anyhow::Result<Option<KernelOffloa
             Ok(None)
         }
     }
-}
-
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    Ok(())
 }

@@ -87,18 +87,41 @@ struct FileConfig {
     max_head_bytes: Option<usize>,
     splice_threshold_bytes: Option<u64>,
     pipe_size_bytes: Option<usize>,
+    body_idle_timeout_ms: Option<u64>,
+    tunnel_idle_timeout_ms: Option<u64>,
+    tcp_keepalive_ms: Option<u64>,
+    max_connections: Option<usize>,
+    backend_max_connections: Option<usize>,
+    backend_queue_timeout_ms: Option<u64>,
+    error_limit: Option<u32>,
+    handover_timeout_ms: Option<u64>,
 }
 
 /// Settings of the HTTP data path.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
     pub connect_timeout: Duration,
-    /// From the first byte of a request head to its end (408 after).
+    /// For the first request of a connection, from accept to the end of its head; for later
+    /// ones, from their first byte (408 after).
     pub header_timeout: Duration,
-    /// From the end of the request to the backend's response head (504 after).
+    /// From the end of the request body to the backend's response head (504 after).
     pub response_timeout: Duration,
     /// A keep-alive client connection with no request in flight is closed after this.
     pub idle_timeout: Duration,
+    /// A body (either way) that moves no byte for this long is cut.
+    pub body_idle_timeout: Duration,
+    /// A tunnel (WebSocket, `tcp://` route) that carries no byte either way for this long is
+    /// closed.
+    pub tunnel_idle_timeout: Duration,
+    /// Idle time before TCP keepalive probes start on client and backend sockets (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
+    /// Requests in flight per backend container (`None`: no limit); more wait in a queue.
+    pub backend_max_connections: Option<usize>,
+    /// How long a request waits for a backend under its limit before a 503 with `Retry-After`.
+    pub backend_queue_timeout: Duration,
+    /// Consecutive failed exchanges (no or invalid response, response timeout) after which a
+    /// backend is taken out until its health check passes again.
+    pub error_limit: u32,
     pub forwarded_headers: bool,
     pub limits: HeadLimits,
     /// In `auto` mode, bodies and chunks of at least this many bytes are spliced.
@@ -121,6 +144,15 @@ impl Default for ProxySettings {
             limits: HeadLimits::default(),
             splice_threshold: crate::proxy::SPLICE_THRESHOLD,
             pipe_size: crate::proxy::DEFAULT_PIPE_SIZE,
+            body_idle_timeout: Duration::from_mins(1),
+            // HAProxy's documented `timeout tunnel` for WebSocket: an idle WebSocket is normal,
+            // and TCP keepalive finds peers that vanished.
+            tunnel_idle_timeout: Duration::from_hours(1),
+            tcp_keepalive: Some(Duration::from_mins(1)),
+            backend_max_connections: None,
+            backend_queue_timeout: Duration::from_secs(1),
+            // HAProxy's default `error-limit`.
+            error_limit: 10,
         }
     }
 }
@@ -138,8 +170,13 @@ pub struct Config {
     /// HTTP worker threads.
     pub workers: usize,
     pub proxy: ProxySettings,
-    /// How long in-flight requests may take to finish after SIGTERM.
+    /// Client connections open at once (HTTP and `tcp://` routes together); more wait in the
+    /// listen backlog.
+    pub max_connections: usize,
+    /// How long in-flight requests may take to finish after SIGTERM (handover included).
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long to keep accepting while no successor listens on our ports.
+    pub handover_timeout: Duration,
 }
 
 impl Config {
@@ -194,8 +231,29 @@ impl Config {
                     .splice_threshold_bytes
                     .unwrap_or(defaults.splice_threshold),
                 pipe_size: file.pipe_size_bytes.unwrap_or(defaults.pipe_size),
+                body_idle_timeout: ms(file.body_idle_timeout_ms, defaults.body_idle_timeout),
+                tunnel_idle_timeout: ms(file.tunnel_idle_timeout_ms, defaults.tunnel_idle_timeout),
+                tcp_keepalive: match file.tcp_keepalive_ms {
+                    Some(0) => None,
+                    Some(v) => Some(Duration::from_millis(v)),
+                    None => defaults.tcp_keepalive,
+                },
+                backend_max_connections: match file.backend_max_connections {
+                    Some(0) | None => None,
+                    Some(n) => Some(n),
+                },
+                backend_queue_timeout: ms(
+                    file.backend_queue_timeout_ms,
+                    defaults.backend_queue_timeout,
+                ),
+                error_limit: file.error_limit.unwrap_or(defaults.error_limit),
+            },
+            max_connections: match file.max_connections {
+                Some(0) | None => default_max_connections(),
+                Some(n) => n,
             },
             shutdown_grace: ms(file.shutdown_grace_ms, Duration::from_secs(10)),
+            handover_timeout: ms(file.handover_timeout_ms, Duration::from_secs(5)),
         };
         config.validate()?;
         Ok(config)
@@ -229,11 +287,25 @@ impl Config {
                 PIPE_SIZES.end()
             );
         }
+        if self.proxy.error_limit == 0 {
+            bail!("error_limit must be at least 1 (consecutive failed exchanges)");
+        }
+        let fd_limit = open_files_limit();
+        if self.max_connections > fd_limit {
+            bail!(
+                "max_connections {} exceeds the open-files limit {fd_limit}: lower it (0 picks \
+                 a safe value) or raise `ulimit -n`",
+                self.max_connections
+            );
+        }
         for (name, value) in [
             ("connect_timeout_ms", self.proxy.connect_timeout),
             ("header_timeout_ms", self.proxy.header_timeout),
             ("response_timeout_ms", self.proxy.response_timeout),
             ("idle_timeout_ms", self.proxy.idle_timeout),
+            ("body_idle_timeout_ms", self.proxy.body_idle_timeout),
+            ("tunnel_idle_timeout_ms", self.proxy.tunnel_idle_timeout),
+            ("backend_queue_timeout_ms", self.proxy.backend_queue_timeout),
         ] {
             if value.is_zero() {
                 bail!("{name} must be greater than 0");
@@ -241,6 +313,50 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Descriptors reserved for everything but client connections' own sockets: the admin API,
+/// Docker, probes, logs, eBPF maps.
+const RESERVED_FDS: usize = 256;
+
+/// A client connection can hold up to four descriptors at once: its socket, a backend socket,
+/// and a splice pipe (two). A quarter of what is left after the reserve keeps the agent from
+/// running out under any mix, so it sheds load instead of failing probes and backend connects.
+fn default_max_connections() -> usize {
+    (open_files_limit().saturating_sub(RESERVED_FDS) / 4).max(16)
+}
+
+/// The soft open-files limit (`ulimit -n`), which the agent raises to the hard limit at start.
+pub fn open_files_limit() -> usize {
+    rlimit_nofile().0
+}
+
+fn rlimit_nofile() -> (usize, usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return (1024, 1024);
+    }
+    let clamp = |v: libc::rlim_t| usize::try_from(v).unwrap_or(usize::MAX).min(1 << 24);
+    (clamp(limit.rlim_cur), clamp(limit.rlim_max))
+}
+
+/// Raises the soft open-files limit to the hard one (what a server is allowed to use; the soft
+/// limit is often left at 1024 for old `select()` users). Returns the limit in force.
+pub fn raise_open_files_limit() -> usize {
+    let (soft, hard) = rlimit_nofile();
+    if soft < hard {
+        let limit = libc::rlimit {
+            rlim_cur: hard as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        };
+        // SAFETY: setrlimit reads the struct we own; raising soft up to hard needs no privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) };
+    }
+    open_files_limit()
 }
 
 fn first_non_empty<T>(a: Vec<T>, b: Vec<T>) -> Option<Vec<T>> {

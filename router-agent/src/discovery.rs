@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     pin::pin,
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwapOption;
@@ -37,6 +37,8 @@ pub struct ContainerInfo {
     pub address: Option<IpAddr>,
     pub networks: Vec<NetworkAddress>,
     pub docker_health: Option<DockerHealth>,
+    /// When the engine last started it (probes' initial delay counts from here).
+    pub started_at: Option<SystemTime>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -307,6 +309,9 @@ fn container_info(details: ContainerInspectResponse) -> Option<ContainerInfo> {
             .health
             .and_then(|h| h.status)
             .and_then(|s| DockerHealth::from_docker(s.as_ref())),
+        started_at: state
+            .started_at
+            .and_then(|t| humantime::parse_rfc3339_weak(&t).ok()),
     })
 }
 

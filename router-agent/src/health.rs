@@ -150,9 +150,43 @@ impl BackendHealth {
     }
 }
 
+/// Whether passive health may take one more `up` backend out of a route on the strength of
+/// failed exchanges alone. Such failures can be caused by the requests themselves (a request
+/// that makes every replica close without answering), so at least half of the route's
+/// backends always stay in: one client can never empty a route. Refused connections and
+/// failing health checks are not limited by this: they are the backend's own verdict.
+pub fn may_eject(up_now: usize, backends: usize) -> bool {
+    up_now > backends.div_ceil(2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ejection_keeps_half_the_route() {
+        let cases = [
+            // (up now, backends in the route, may eject one more)
+            (1, 1, false),
+            (2, 2, true),
+            (1, 2, false),
+            (3, 3, true),
+            (2, 3, false),
+            (4, 4, true),
+            (3, 4, true),
+            (2, 4, false),
+            (0, 3, false),
+            (5, 10, false),
+            (6, 10, true),
+        ];
+        for (up, backends, expected) in cases {
+            assert_eq!(
+                may_eject(up, backends),
+                expected,
+                "up={up} backends={backends}"
+            );
+        }
+    }
 
     /// Feeds results ('+' success, '-' failure) and returns the verdict after each.
     fn run(success_threshold: u32, failure_threshold: u32, results: &str) -> String {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod discovery;
 pub mod ebpf;
 pub mod fast_hash;
+pub mod handover;
 pub mod health;
 pub mod http;
 pub mod labels;

@@ -6,6 +6,8 @@ use clap::Parser as _;
 use router_agent::config::{Cli, Config, LogFormat};
 
 fn main() -> ExitCode {
+    // Before the configuration: the default connection limit follows the descriptor limit.
+    router_agent::config::raise_open_files_limit();
     let config = match Config::load(Cli::parse()) {
         Ok(config) => config,
         Err(e) => {

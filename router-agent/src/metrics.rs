@@ -18,6 +18,8 @@ pub enum BackendError {
     Reset,
     Timeout,
     InvalidResponse,
+    /// The client stopped sending its request body (not the backend's fault).
+    ClientTimeout,
 }
 
 impl BackendError {
@@ -27,6 +29,7 @@ impl BackendError {
             Self::Reset => "reset",
             Self::Timeout => "timeout",
             Self::InvalidResponse => "invalid_response",
+            Self::ClientTimeout => "client_timeout",
         }
     }
 }
@@ -37,6 +40,10 @@ pub struct Metrics {
     pub connections_active: AtomicU64,
     pub requests: AtomicU64,
     pub retries: AtomicU64,
+    /// Requests sent again on a new connection because the pooled one had been closed.
+    pub stale_reconnects: AtomicU64,
+    /// Requests that waited for a backend at its connection limit and got a 503.
+    pub queue_timeouts: AtomicU64,
     /// Body and head bytes moved through userspace buffers.
     pub bytes_copied: AtomicU64,
     /// Body bytes moved by splice(2).
@@ -76,6 +83,11 @@ impl Metrics {
         self.connections_accepted.fetch_add(1, Ordering::Relaxed);
         self.connections_active.fetch_add(1, Ordering::Relaxed);
         OpenConnection(self)
+    }
+
+    /// Client connections open now.
+    pub fn connections_open(&self) -> u64 {
+        self.connections_active.load(Ordering::Relaxed)
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -143,6 +155,16 @@ impl Metrics {
             "router_retries_total",
             "Requests sent to another backend after a failure.",
             load(&self.retries),
+        );
+        counter(
+            "router_stale_reconnects_total",
+            "Requests sent again on a new connection because the backend had closed the pooled one.",
+            load(&self.stale_reconnects),
+        );
+        counter(
+            "router_queue_timeouts_total",
+            "Requests answered 503 after waiting for a backend at its connection limit.",
+            load(&self.queue_timeouts),
         );
         counter(
             "router_bytes_copied_total",

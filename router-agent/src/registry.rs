@@ -23,7 +23,7 @@ use crate::{
     discovery::{ContainerInfo, DockerHandle, NetworkAddress, Update, short},
     health::{BackendHealth, BackendState, DockerHealth, ProbeTracker, ProbeVerdict},
     labels::{self, ContainerSpec, LabelError, ProbeSpec, RouteSpec, Scheme},
-    probe::{self, TaskGuard},
+    probe::{self, ProbeOutcome, TaskGuard},
     table::{Backend, BackendStats, RouteInput, RouteKey, RoutingTable},
 };
 
@@ -34,13 +34,21 @@ pub enum Message {
     ProbeResult {
         id: String,
         generation: u64,
-        outcome: Result<String, String>,
+        outcome: ProbeOutcome,
     },
-    /// The proxy could not connect to (or lost) this backend.
-    PassiveFailure {
+    /// The proxy could not connect to this backend (refused, unreachable, connect timeout).
+    ConnectFailed {
         id: Arc<str>,
         addr: SocketAddr,
         error: String,
+    },
+    /// This many exchanges in a row failed on this backend (no response, an invalid one, a
+    /// response timeout): the error limit was reached.
+    ErrorStreak {
+        id: Arc<str>,
+        addr: SocketAddr,
+        errors: u32,
+        last_error: String,
     },
     /// A backend without a probe accepts connections again.
     Recovered {
@@ -57,6 +65,9 @@ pub struct Published {
     pub containers: ArcSwap<Vec<ContainerView>>,
     pub internal_cidrs: ArcSwap<Vec<Cidr>>,
     pub engine_connected: AtomicBool,
+    /// True once the first Docker sync is done and the first checks of the containers found
+    /// running have reported: the routing table then says what the agent would route.
+    pub ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Published {
@@ -69,6 +80,7 @@ impl Published {
                 fixed_cidrs.map_or_else(|| Cidr::loopback().to_vec(), <[Cidr]>::to_vec),
             ),
             engine_connected: AtomicBool::new(false),
+            ready: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -106,8 +118,10 @@ pub struct HistoryItem {
 
 const HISTORY_LEN: usize = 32;
 
-/// How often a backend without a probe is re-checked after a passive failure.
-const RECOVERY_PERIOD: Duration = Duration::from_secs(labels::probe_defaults::PERIOD_SECONDS);
+/// How long a backend without a probe stays out after failed exchanges before its port is
+/// checked again: it accepts connections all along, so only time can tell whether it
+/// recovered (Envoy's outlier detection ejects for a base time in the same way).
+const EJECTION_TIME: Duration = Duration::from_secs(10);
 
 struct Entry {
     info: ContainerInfo,
@@ -119,6 +133,9 @@ struct Entry {
     /// The probe task, or the recovery check after a passive failure.
     checker: Option<TaskGuard>,
     history: VecDeque<HistoryItem>,
+    /// Its probe's first run was due when the probe task started (the container has been
+    /// running longer than the initial delay).
+    first_check_due_at_once: bool,
 }
 
 impl Entry {
@@ -137,34 +154,51 @@ impl Entry {
     }
 }
 
+/// What the registry is told once, at start.
+pub struct RegistrySettings {
+    pub default_domain: String,
+    /// Derive the internal CIDRs from the Docker networks.
+    pub auto_cidrs: bool,
+    /// Requests in flight per backend container, when limited.
+    pub backend_max_connections: Option<usize>,
+}
+
 pub struct Registry {
-    default_domain: String,
-    auto_cidrs: bool,
+    settings: RegistrySettings,
     docker: DockerHandle,
     sender: mpsc::UnboundedSender<Message>,
     published: Arc<Published>,
     containers: HashMap<String, Entry>,
     cursors: HashMap<RouteKey, Arc<AtomicUsize>>,
     next_generation: u64,
+    /// Until the agent is ready: the containers whose first check is still to report.
+    startup: Startup,
+}
+
+/// The way to readiness: the first sync, then the first result of every check that is due at
+/// once (containers that were running before the agent started).
+enum Startup {
+    BeforeSync,
+    FirstChecks(HashSet<String>),
+    Ready,
 }
 
 impl Registry {
     pub fn new(
-        default_domain: String,
-        auto_cidrs: bool,
+        settings: RegistrySettings,
         docker: DockerHandle,
         sender: mpsc::UnboundedSender<Message>,
         published: Arc<Published>,
     ) -> Self {
         Self {
-            default_domain,
-            auto_cidrs,
+            settings,
             docker,
             sender,
             published,
             containers: HashMap::new(),
             cursors: HashMap::new(),
             next_generation: 0,
+            startup: Startup::BeforeSync,
         }
     }
 
@@ -190,16 +224,32 @@ impl Registry {
                 id,
                 generation,
                 outcome,
-            } => self.with_current(&id, generation, |entry| {
-                let Some(tracker) = entry.health.probe.as_mut() else {
-                    return;
-                };
-                tracker.record(outcome.is_ok());
-                if let Err(reason) = &outcome {
-                    entry.remember(format!("probe failed: {reason}"));
-                }
-            }),
-            Message::PassiveFailure { id, addr, error } => self.passive_failure(&id, addr, &error),
+            } => {
+                self.first_check_reported(&id);
+                self.with_current(&id, generation, |entry| {
+                    let Some(tracker) = entry.health.probe.as_mut() else {
+                        return;
+                    };
+                    match &outcome {
+                        ProbeOutcome::Passed(_) => tracker.record(true),
+                        ProbeOutcome::Failed(reason) => {
+                            tracker.record(false);
+                            entry.remember(format!("probe failed: {reason}"));
+                        }
+                        // Not the backend's doing: no verdict either way.
+                        ProbeOutcome::NotRun(reason) => {
+                            entry.remember(format!("probe not run: {reason}"));
+                        }
+                    }
+                })
+            }
+            Message::ConnectFailed { id, addr, error } => self.connect_failed(&id, addr, &error),
+            Message::ErrorStreak {
+                id,
+                addr,
+                errors,
+                last_error,
+            } => self.error_streak(&id, addr, errors, &last_error),
             Message::Recovered { id, generation } => self.with_current(&id, generation, |entry| {
                 entry.health.passive_down = false;
                 entry.checker = None;
@@ -256,14 +306,24 @@ impl Registry {
                     .filter(|id| !ids.contains(*id))
                     .cloned()
                     .collect();
-                let mut changed = false;
                 for id in vanished {
-                    changed |= self.remove(&id, "gone while the Docker engine was unreachable");
+                    self.remove(&id, "gone while the Docker engine was unreachable");
                 }
-                changed
+                if matches!(self.startup, Startup::BeforeSync) {
+                    let due = self
+                        .containers
+                        .iter()
+                        .filter(|(_, e)| e.first_check_due_at_once)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    self.startup = Startup::FirstChecks(due);
+                    self.first_check_reported("");
+                }
+                // Published even when nothing changed: readers wait for the first table.
+                true
             }
             Update::Networks(cidrs) => {
-                if self.auto_cidrs {
+                if self.settings.auto_cidrs {
                     let mut all = Cidr::loopback().to_vec();
                     all.extend(cidrs);
                     self.published.internal_cidrs.store(Arc::new(all));
@@ -276,6 +336,18 @@ impl Registry {
                     .store(connected, Ordering::Relaxed);
                 false
             }
+        }
+    }
+
+    /// Marks the first check of `id` as reported; the agent is ready when none is left.
+    fn first_check_reported(&mut self, id: &str) {
+        let Startup::FirstChecks(pending) = &mut self.startup else {
+            return;
+        };
+        pending.remove(id);
+        if pending.is_empty() {
+            self.startup = Startup::Ready;
+            self.published.ready.send_replace(true);
         }
     }
 
@@ -295,7 +367,7 @@ impl Registry {
             self.restart_checker(&id);
             return true;
         }
-        let spec = labels::parse(&info.labels, &self.default_domain);
+        let spec = labels::parse(&info.labels, &self.settings.default_domain);
         if let Err(errors) = &spec {
             for error in errors {
                 warn!(container = %info.name, id = %short(&info.id), "{error}; container not routed");
@@ -320,10 +392,11 @@ impl Registry {
             info,
             spec,
             health,
-            stats: Arc::default(),
+            stats: Arc::new(BackendStats::new(self.settings.backend_max_connections)),
             generation: 0,
             checker: None,
             history: VecDeque::new(),
+            first_check_due_at_once: false,
         };
         match &entry.spec {
             Ok(_) => entry.remember("discovered".into()),
@@ -351,11 +424,24 @@ impl Registry {
         let (Some(spec), Some(ip)) = (entry.probe_spec().cloned(), entry.info.address) else {
             return;
         };
+        // Kubernetes' meaning of the initial delay: counted from the container's start, so a
+        // container that has been running for a while (found at an agent restart, or after a
+        // network change) is checked at once instead of waiting again.
+        let running_for = entry
+            .info
+            .started_at
+            .and_then(|started| SystemTime::now().duration_since(started).ok())
+            .unwrap_or_default();
+        let first_delay = spec.initial_delay.saturating_sub(running_for);
+        entry.first_check_due_at_once = first_delay.is_zero();
         entry.checker = Some(probe::spawn_probe(
-            id.to_owned(),
-            generation,
-            ip,
+            probe::ProbeTarget {
+                container_id: id.to_owned(),
+                generation,
+                ip,
+            },
             spec,
+            first_delay,
             self.docker.clone(),
             self.sender.clone(),
         ));
@@ -369,19 +455,80 @@ impl Registry {
         true
     }
 
-    fn passive_failure(&mut self, id: &str, addr: SocketAddr, error: &str) -> bool {
+    /// A refused or unreachable backend is out at once: nothing was sent, so this is about
+    /// the backend, not about a request.
+    fn connect_failed(&mut self, id: &str, addr: SocketAddr, error: &str) -> bool {
+        let up = self
+            .containers
+            .get(id)
+            .is_some_and(|e| e.health.state() == BackendState::Up);
+        if !up {
+            return false;
+        }
+        self.take_out(
+            id,
+            addr,
+            &format!("connection to {addr} failed: {error}"),
+            Duration::ZERO,
+        )
+    }
+
+    /// The error limit was reached. Failed exchanges can be caused by the requests themselves,
+    /// so they take a backend out only while at least half of every route it serves stays up
+    /// (`health::may_eject`); either way the streak starts over.
+    fn error_streak(&mut self, id: &str, addr: SocketAddr, errors: u32, last_error: &str) -> bool {
+        let Some(entry) = self.containers.get(id) else {
+            return false;
+        };
+        entry.stats.reset_errors();
+        if entry.health.state() != BackendState::Up {
+            return false;
+        }
+        let why = format!("{errors} failed exchanges in a row (last: {last_error})");
+        if let Some(route) = self.route_kept_by_ejection_cap(id) {
+            let entry = self.containers.get_mut(id).expect("checked above");
+            warn!(container = %entry.info.name, id = %short(id), %addr, "{why}; kept in: taking it out would leave fewer than half of {route} up");
+            entry.remember(format!(
+                "{why}; kept in to leave at least half of {route} up"
+            ));
+            return false;
+        }
+        self.take_out(id, addr, &why, EJECTION_TIME)
+    }
+
+    /// A route of the container that passive health must not thin out further, if any.
+    fn route_kept_by_ejection_cap(&self, id: &str) -> Option<String> {
+        let spec = self.containers.get(id)?.spec.as_ref().ok()?;
+        spec.routes.iter().find_map(|route| {
+            let key = route_key(route);
+            let (mut up, mut backends) = (0, 0);
+            for entry in self.containers.values() {
+                let serves = entry
+                    .spec
+                    .as_ref()
+                    .is_ok_and(|s| s.routes.iter().any(|r| route_key(r) == key));
+                if serves && entry.info.address.is_some() {
+                    backends += 1;
+                    up += usize::from(entry.health.state() == BackendState::Up);
+                }
+            }
+            (!crate::health::may_eject(up, backends))
+                .then(|| format!("{}://{}{}", route.scheme, route.domain, route.path))
+        })
+    }
+
+    /// Takes an `up` backend out until its probe passes again, or, without a probe, until its
+    /// port accepts connections again (checked after `hold`, then every recovery period).
+    fn take_out(&mut self, id: &str, addr: SocketAddr, why: &str, hold: Duration) -> bool {
         self.next_generation += 1;
         let generation = self.next_generation;
         let Some(entry) = self.containers.get_mut(id) else {
             return false;
         };
         let before = entry.health.state();
-        if before != BackendState::Up {
-            return false;
-        }
-        warn!(container = %entry.info.name, id = %short(id), %addr, "connection failed: {error}; taking the backend out");
+        warn!(container = %entry.info.name, id = %short(id), %addr, "{why}; taking the backend out");
         entry.health.record_passive_failure();
-        entry.remember(format!("connection to {addr} failed: {error}"));
+        entry.remember(why.to_owned());
         if entry.health.probe.is_none() {
             // No probe will notice the recovery: check the port until it accepts again.
             entry.generation = generation;
@@ -389,7 +536,7 @@ impl Registry {
                 id.to_owned(),
                 generation,
                 addr,
-                RECOVERY_PERIOD,
+                hold,
                 self.sender.clone(),
             ));
         }
@@ -406,13 +553,7 @@ impl Registry {
             };
             let state = entry.health.state();
             for route in &spec.routes {
-                let key = match route.listen_port {
-                    Some(listen_port) => RouteKey::Tcp { listen_port },
-                    None => RouteKey::Http {
-                        domain: route.domain.clone(),
-                        path: route.path.clone(),
-                    },
-                };
+                let key = route_key(route);
                 let cursor = self.cursors.entry(key.clone()).or_default().clone();
                 let input = routes.entry(key.clone()).or_insert_with(|| RouteInput {
                     key,
@@ -446,6 +587,17 @@ impl Registry {
         )));
         self.published.containers.store(Arc::new(views));
         self.published.table_version.send_modify(|v| *v += 1);
+    }
+}
+
+/// Where a route is served: the key every container of the route shares.
+fn route_key(route: &RouteSpec) -> RouteKey {
+    match route.listen_port {
+        Some(listen_port) => RouteKey::Tcp { listen_port },
+        None => RouteKey::Http {
+            domain: route.domain.clone(),
+            path: route.path.clone(),
+        },
     }
 }
 

@@ -8,9 +8,11 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
 };
+
+use tokio::sync::Semaphore;
 
 use crate::{
     balance::{Schedule, sticky_target_allowed},
@@ -19,11 +21,44 @@ use crate::{
     labels::Scheme,
 };
 
-/// Live counters of one backend container; they outlive table rebuilds.
+/// Live counters and limits of one backend container; they outlive table rebuilds.
 #[derive(Debug, Default)]
 pub struct BackendStats {
+    /// Connections carrying a request or a tunnel now (idle pooled ones are not counted).
     pub active_connections: AtomicU64,
     pub requests: AtomicU64,
+    /// Failed exchanges in a row (no response, an invalid one, a response timeout); any
+    /// complete exchange resets it. Passive health acts when it reaches the error limit.
+    consecutive_errors: AtomicU32,
+    /// Slots for requests in flight, when the backend has a connection limit.
+    pub slots: Option<Arc<Semaphore>>,
+}
+
+impl BackendStats {
+    pub fn new(max_connections: Option<usize>) -> Self {
+        Self {
+            slots: max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            ..Self::default()
+        }
+    }
+
+    /// A complete exchange: the error streak ends. (A load before the store keeps the cache
+    /// line shared between workers while there is no streak, which is almost always.)
+    pub fn exchange_succeeded(&self) {
+        if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
+            self.consecutive_errors.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A failed exchange; returns the length of the streak it extends.
+    pub fn exchange_failed(&self) -> u32 {
+        self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Starts counting afresh (after passive health acted on a streak).
+    pub fn reset_errors(&self) {
+        self.consecutive_errors.store(0, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -46,6 +46,15 @@ pub fn free_port() -> u16 {
     panic!("no free port between 20000 and 32000");
 }
 
+/// Writes a TOML configuration file for one agent and returns its path.
+pub fn config_file(toml: &str) -> PathBuf {
+    let dir = workspace_root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let path = dir.join(format!("{}.toml", unique("router")));
+    std::fs::write(&path, toml).expect("config file");
+    path
+}
+
 impl Agent {
     /// Starts the agent on a free HTTP port and a free admin port, with extra flags, and waits
     /// until it has synced with the Docker engine.
@@ -53,10 +62,23 @@ impl Agent {
         Self::start_with_prefix(&[], extra_args)
     }
 
+    /// Like [`Agent::start`], with this TOML configuration.
+    pub fn start_with_config(toml: &str, extra_args: &[&str]) -> Self {
+        let config = config_file(toml);
+        let mut args = vec!["--config", config.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra_args);
+        Self::start(&args)
+    }
+
     /// Like [`Agent::start`], run through a wrapper command (e.g. `setpriv ... --`).
     pub fn start_with_prefix(wrapper: &[&str], extra_args: &[&str]) -> Self {
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_on(port, admin, wrapper, extra_args)
+    }
+
+    /// Starts an agent on these ports (a successor of an agent that is stopping, say).
+    pub fn start_on(port: u16, admin: SocketAddr, wrapper: &[&str], extra_args: &[&str]) -> Self {
         let log_dir = workspace_root().join("target/test-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let log_path = log_dir.join(format!("{}.log", unique("agent")));
@@ -114,6 +136,15 @@ impl Agent {
     fn try_json(&self, path: &str) -> Option<Value> {
         let response = client::get(self.admin, "localhost", path, &[]).ok()?;
         (response.status == 200).then(|| serde_json::from_slice(&response.body).ok())?
+    }
+
+    /// `/healthz`: its HTTP status (200 only while serving normally) and body.
+    pub fn health(&self) -> Option<(u16, Value)> {
+        let response = client::get(self.admin, "localhost", "/healthz", &[]).ok()?;
+        Some((
+            response.status,
+            serde_json::from_slice(&response.body).ok()?,
+        ))
     }
 
     pub fn json(&self, path: &str) -> Value {

@@ -60,7 +60,18 @@ impl Container {
     /// accepts connections. (Without a probe label the router routes a container as soon as it
     /// runs, which can be a few milliseconds before the server inside listens.)
     pub fn backend(name: &str, labels: &[&str]) -> Self {
-        let container = Self::run(name, &with_labels(labels, &[BACKEND_IMAGE]));
+        Self::backend_with_env(name, labels, &[])
+    }
+
+    /// Like [`Container::backend`], with environment variables (`KEY=value`) for the test
+    /// backend's switches (`BACKEND_FAIL`, `BACKEND_KEEPALIVE`, ...).
+    pub fn backend_with_env(name: &str, labels: &[&str], env: &[&str]) -> Self {
+        let mut rest = Vec::new();
+        for var in env {
+            rest.extend_from_slice(&["-e", var]);
+        }
+        rest.push(BACKEND_IMAGE);
+        let container = Self::run(name, &with_labels(labels, &rest));
         let addr = container.http_addr();
         crate::wait_for(
             "the backend to listen",

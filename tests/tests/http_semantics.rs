@@ -202,25 +202,53 @@ fn backend_response_timeout_is_504_and_an_invalid_head_is_502() {
     assert_eq!(response.status, 502);
 }
 
+/// SIGTERM without a successor: the agent keeps serving new connections (one request each)
+/// for the handover timeout, then stops accepting, lets the in-flight request finish and exits.
 #[test]
-fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
-    let mut agent = Agent::start(&[]);
+fn sigterm_serves_until_the_handover_timeout_then_drains_in_flight_requests() {
+    let handover = Duration::from_millis(1000);
+    let mut agent = Agent::start_with_config(
+        &format!("handover_timeout_ms = {}\n", handover.as_millis()),
+        &[],
+    );
     let (domain, backend) = one_backend(&agent, "shutdown", &[]);
     let addr = agent.http_addr();
     let in_flight = {
         let domain = domain.clone();
-        thread::spawn(move || client::get(addr, &domain, "/delay?ms=1500", &[]))
+        thread::spawn(move || client::get(addr, &domain, "/delay?ms=2500", &[]))
     };
-    thread::sleep(Duration::from_millis(300));
+    wait_for(
+        "the slow request to be in flight",
+        Duration::from_secs(5),
+        || agent.metric("router_connections_active") == Some(1),
+    );
+    let admin = agent.admin;
     let started = Instant::now();
     let stopper = thread::spawn(move || {
         let status = agent.terminate(Duration::from_secs(15));
         (status, agent)
     });
-    thread::sleep(Duration::from_millis(300));
+    wait_for(
+        "the agent to report that it stops",
+        Duration::from_secs(5),
+        || {
+            client::get(admin, "localhost", "/healthz", &[]).is_ok_and(|r| {
+                r.status == 503 && String::from_utf8_lossy(&r.body).contains("stopping")
+            })
+        },
+    );
+    // Nobody took over yet: a new client is still served, and told that the connection ends.
+    let mut fresh = KeepAlive::connect(addr).expect("connect while handing over");
+    let during_handover = fresh.get(&domain, "/").expect("served while handing over");
+    assert_eq!(during_handover.status, 200);
+    assert_eq!(during_handover.header("connection"), Some("close"));
+    wait_for("the listener to close", Duration::from_secs(5), || {
+        TcpStream::connect(addr).is_err()
+    });
     assert!(
-        TcpStream::connect(addr).is_err(),
-        "no new connection once shutdown began"
+        started.elapsed() >= handover,
+        "stopped accepting before the handover timeout ({:?})",
+        started.elapsed()
     );
     let response = in_flight
         .join()

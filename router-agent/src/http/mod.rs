@@ -195,6 +195,16 @@ pub fn error_response(status: u16, close: bool) -> Vec<u8> {
     .into_bytes()
 }
 
+/// 503 with `Retry-After`: the backends or the agent are busy, not broken.
+pub fn retry_later_response(retry_after_seconds: u32) -> Vec<u8> {
+    let body = "503 Service Unavailable: busy, retry later\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: {retry_after_seconds}\r\nConnection: close\r\nServer: router-agent\r\n\r\n{body}",
+        body.len(),
+    )
+    .into_bytes()
+}
+
 pub fn status_reason(status: u16) -> &'static str {
     match status {
         200 => "OK",

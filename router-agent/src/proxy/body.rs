@@ -1,6 +1,6 @@
 //! Moving a message body from one socket to another by its framing, starting with the bytes
 //! already buffered. The buffer keeps whatever follows the body (a pipelined request).
-use std::{io, sync::atomic::AtomicU64};
+use std::{io, sync::atomic::AtomicU64, time::Duration};
 
 use bytes::{Buf as _, BytesMut};
 use tokio::{
@@ -43,6 +43,8 @@ pub struct BodyPath<'a> {
     pub splice: Option<(&'a PipePool, u64)>,
     pub copied: &'a AtomicU64,
     pub spliced: &'a AtomicU64,
+    /// A body that moves no byte for this long is cut (`TimedOut` on the side that stalled).
+    pub idle_timeout: Duration,
 }
 
 impl BodyPath<'_> {
@@ -72,6 +74,13 @@ pub enum RelayError {
     /// The receiving side failed.
     Sink(io::Error),
     Framing(ChunkError),
+}
+
+impl RelayError {
+    /// The stalled side made no progress within the idle timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Source(e) | Self::Sink(e) if e.kind() == io::ErrorKind::TimedOut)
+    }
 }
 
 impl std::fmt::Display for RelayError {
@@ -120,15 +129,28 @@ where
         if buf.is_empty() {
             // What is not buffered yet can go straight from socket to socket.
             if let Some((pipes, from, to)) = path.splice_pair(src, dst, Some(remaining)) {
-                splice::transfer(from, to, Some(remaining), pipes, path.spliced).await?;
-                return Ok(true);
+                match splice::transfer(
+                    from,
+                    to,
+                    Some(remaining),
+                    pipes,
+                    path.spliced,
+                    Some(path.idle_timeout),
+                )
+                .await
+                {
+                    Ok(_) => return Ok(true),
+                    // Out of pipes: the body is copied instead.
+                    Err(SpliceError::NoPipe) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            fill(src, buf).await?;
+            fill(src, buf, path.idle_timeout).await?;
         }
         let take = buf
             .len()
             .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-        write(dst, &buf[..take], copied).await?;
+        write(dst, &buf[..take], copied, path.idle_timeout).await?;
         buf.advance(take);
         remaining -= take as u64;
     }
@@ -154,15 +176,29 @@ where
             if data > 0
                 && let Some((pipes, from, to)) = path.splice_pair(src, dst, Some(data))
             {
-                splice::transfer(from, to, Some(data), pipes, path.spliced).await?;
-                scanner.skip_data(data);
-                spliced = true;
-                continue;
+                match splice::transfer(
+                    from,
+                    to,
+                    Some(data),
+                    pipes,
+                    path.spliced,
+                    Some(path.idle_timeout),
+                )
+                .await
+                {
+                    Ok(_) => {
+                        scanner.skip_data(data);
+                        spliced = true;
+                        continue;
+                    }
+                    Err(SpliceError::NoPipe) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            fill(src, buf).await?;
+            fill(src, buf, path.idle_timeout).await?;
         }
         let body_bytes = scanner.advance(buf).map_err(RelayError::Framing)?;
-        write(dst, &buf[..body_bytes], path.copied).await?;
+        write(dst, &buf[..body_bytes], path.copied, path.idle_timeout).await?;
         buf.advance(body_bytes);
         if scanner.is_done() {
             return Ok(spliced);
@@ -181,19 +217,25 @@ where
     W: AsyncWrite + Socket + Unpin,
 {
     if !buf.is_empty() {
-        write(dst, buf, path.copied).await?;
+        write(dst, buf, path.copied, path.idle_timeout).await?;
         buf.clear();
     }
     if let Some((pipes, from, to)) = path.splice_pair(src, dst, None) {
-        splice::transfer(from, to, None, pipes, path.spliced).await?;
-        return Ok(true);
+        match splice::transfer(from, to, None, pipes, path.spliced, Some(path.idle_timeout)).await {
+            Ok(_) => return Ok(true),
+            Err(SpliceError::NoPipe) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     loop {
         buf.reserve(READ_CHUNK);
-        if src.read_buf(buf).await.map_err(RelayError::Source)? == 0 {
+        let read = tokio::time::timeout(path.idle_timeout, src.read_buf(buf))
+            .await
+            .unwrap_or_else(|_| Err(idle(path.idle_timeout)));
+        if read.map_err(RelayError::Source)? == 0 {
             return Ok(false);
         }
-        write(dst, buf, path.copied).await?;
+        write(dst, buf, path.copied, path.idle_timeout).await?;
         buf.clear();
     }
 }
@@ -203,17 +245,31 @@ impl From<SpliceError> for RelayError {
         match e {
             SpliceError::Source(e) => Self::Source(e),
             SpliceError::Sink(e) => Self::Sink(e),
+            SpliceError::NoPipe => Self::Source(io::Error::other("no splice pipe")),
         }
     }
 }
 
+/// The error of a side that made no progress for `timeout`.
+pub fn idle(timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no progress for {timeout:?}"),
+    )
+}
+
 /// Reads at least one byte; EOF before the body ended is an error.
-async fn fill<R: AsyncRead + Unpin>(src: &mut R, buf: &mut BytesMut) -> Result<(), RelayError> {
+async fn fill<R: AsyncRead + Unpin>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    idle_timeout: Duration,
+) -> Result<(), RelayError> {
     buf.reserve(READ_CHUNK);
-    match src.read_buf(buf).await {
-        Ok(0) => Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into())),
-        Ok(_) => Ok(()),
-        Err(e) => Err(RelayError::Source(e)),
+    match tokio::time::timeout(idle_timeout, src.read_buf(buf)).await {
+        Err(_) => Err(RelayError::Source(idle(idle_timeout))),
+        Ok(Ok(0)) => Err(RelayError::Source(io::ErrorKind::UnexpectedEof.into())),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(RelayError::Source(e)),
     }
 }
 
@@ -221,8 +277,14 @@ async fn write<W: AsyncWrite + Unpin>(
     dst: &mut W,
     bytes: &[u8],
     copied: &AtomicU64,
+    idle_timeout: Duration,
 ) -> Result<(), RelayError> {
-    dst.write_all(bytes).await.map_err(RelayError::Sink)?;
+    // The whole write must finish in the idle time: a peer that reads nothing for that long
+    // stalls it; one that reads slowly but steadily is given whole chunks of at most 64 KiB.
+    match tokio::time::timeout(idle_timeout, dst.write_all(bytes)).await {
+        Err(_) => return Err(RelayError::Sink(idle(idle_timeout))),
+        Ok(result) => result.map_err(RelayError::Sink)?,
+    }
     Metrics::add(copied, bytes.len() as u64);
     Ok(())
 }
@@ -256,6 +318,7 @@ mod tests {
             splice: None,
             copied: &copied,
             spliced: &spliced,
+            idle_timeout: Duration::from_secs(5),
         };
         let result = relay(framing, &mut src, &mut buf, &mut out, &path).await;
         (result, out, buf.to_vec())

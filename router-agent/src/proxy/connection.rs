@@ -21,10 +21,11 @@ use tokio::{
 use tracing::{debug, info};
 
 use super::{
-    ProxyContext,
+    Admitted, Phase, ProxyContext,
+    admission::ShedSignal,
     body::{self, BodyPath, RelayError},
     tunnel,
-    upstream::{self, Reuse, Tried, Upstream},
+    upstream::{self, Reuse, Tried, Unavailable, Upstream},
 };
 use crate::{
     http::{
@@ -42,12 +43,18 @@ const HEAD_READ_CHUNK: usize = 8 * 1024;
 /// not lost to a reset caused by unread bytes.
 const LINGER: Duration = Duration::from_millis(500);
 
-pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
+pub async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ProxyContext>,
+    _admitted: Admitted,
+) {
     let metrics = ctx.metrics.clone();
     let _open = metrics.open_connection();
-    let _ = stream.set_nodelay(true);
     let mut connection = Connection {
-        shutdown: ctx.shutdown.clone(),
+        accepted_at: Instant::now(),
+        phase: ctx.phase.clone(),
+        shed: ctx.admission.shed_signal(),
         client: stream,
         peer,
         peer_ip: peer.ip().to_string(),
@@ -71,8 +78,9 @@ enum Next {
 enum Attempt {
     /// The response went to the client.
     Done { next: Next, keep_backend: bool },
-    /// Nothing reached the client and the request may be sent again elsewhere.
-    Retry(String),
+    /// The backend closed or reset the connection before a complete response head, and
+    /// nothing reached the client: the request may be sent again if it can be.
+    Lost(String),
     /// Answer the client with this status (nothing was sent to it yet).
     Fail {
         status: u16,
@@ -89,7 +97,10 @@ struct Connection {
     /// `peer`'s address as text, for `X-Forwarded-For`.
     peer_ip: String,
     ctx: Arc<ProxyContext>,
-    shutdown: watch::Receiver<bool>,
+    accepted_at: Instant,
+    phase: watch::Receiver<Phase>,
+    /// Closes the connection while it waits for a request, when the agent needs room.
+    shed: ShedSignal,
     /// Bytes from the client not handled yet (a head, a body, the next pipelined request).
     buf: BytesMut,
     /// The head sent to the backend, rewritten from the client's.
@@ -109,7 +120,9 @@ impl Connection {
         let ctx = Arc::clone(&self.ctx);
         let mut versions = ctx.published.table_version.subscribe();
         let mut table = ctx.published.table.load_full();
-        while let Some(head) = self.read_request_head().await? {
+        let mut first = true;
+        while let Some(head) = self.read_request_head(first).await? {
+            first = false;
             if versions.has_changed().unwrap_or(false) {
                 versions.borrow_and_update();
                 table = ctx.published.table.load_full();
@@ -126,15 +139,22 @@ impl Connection {
     }
 
     /// The next request head, or `None` when the connection should end (client closed, idle
-    /// timeout, shutdown, or a refused head that was already answered).
-    async fn read_request_head(&mut self) -> io::Result<Option<RequestHead>> {
+    /// timeout, shutdown, shedding, or a refused head that was already answered). The first
+    /// head of a connection must be complete within the header timeout of the accept (a
+    /// connection that says nothing gets 408 then); later ones may be awaited for the idle
+    /// timeout, then have the header timeout from their first byte.
+    async fn read_request_head(&mut self, first: bool) -> io::Result<Option<RequestHead>> {
         let settings = &self.ctx.settings;
         let forward = ForwardContext {
             client_ip: &self.peer_ip,
             forwarded_headers: settings.forwarded_headers,
         };
-        let mut head_deadline =
-            (!self.buf.is_empty()).then(|| Instant::now() + settings.header_timeout);
+        let waiting_since = Instant::now();
+        let mut head_deadline = if first {
+            Some(self.accepted_at + settings.header_timeout)
+        } else {
+            (!self.buf.is_empty()).then(|| waiting_since + settings.header_timeout)
+        };
         loop {
             if !self.buf.is_empty() {
                 match request::parse(
@@ -152,16 +172,22 @@ impl Connection {
                 }
             }
             self.buf.reserve(HEAD_READ_CHUNK);
-            let read = match head_deadline {
-                // Between requests: wait for the next one as long as the idle timeout, and not
-                // at all once shutdown has begun.
-                None => tokio::select! {
-                    r = tokio::time::timeout(settings.idle_timeout, self.client.read_buf(&mut self.buf)) => r,
-                    _ = self.shutdown.wait_for(|stopping| *stopping) => return Ok(None),
-                },
-                Some(deadline) => {
-                    tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf)).await
+            let deadline = head_deadline.unwrap_or(waiting_since + settings.idle_timeout);
+            let read = if self.buf.is_empty() {
+                // Waiting for a request to begin: the connection may be closed to make room,
+                // and kept-alive ones end when shutdown begins (a new connection's first
+                // request is still served while the agent hands over).
+                tokio::select! {
+                    r = tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf)) => r,
+                    _ = self.phase.wait_for(|p| p.stopping()), if !first => return Ok(None),
+                    () = self.shed.reaches(waiting_since) => {
+                        Metrics::add(&self.ctx.admission.shed_connections, 1);
+                        debug!(peer = %self.peer, "idle connection closed to make room");
+                        return Ok(None);
+                    }
                 }
+            } else {
+                tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf)).await
             };
             match read {
                 Err(_) if head_deadline.is_some() => {
@@ -188,6 +214,21 @@ impl Connection {
     async fn answer(&mut self, status: u16) {
         self.ctx.metrics.response(status);
         let _ = self.client.write_all(&error_response(status, true)).await;
+    }
+
+    /// The router's answer when no backend took the request.
+    async fn answer_unavailable(&mut self, why: Unavailable) {
+        match why {
+            Unavailable::NoBackend => self.answer(503).await,
+            // Busy, not broken: tell the client when to come back.
+            Unavailable::Saturated | Unavailable::Overloaded => {
+                self.ctx.metrics.response(503);
+                let _ = self
+                    .client
+                    .write_all(&crate::http::retry_later_response(RETRY_AFTER_SECONDS))
+                    .await;
+            }
+        }
     }
 
     /// Ends the connection politely: FIN, then read and discard what the client still sends
@@ -233,39 +274,94 @@ impl Connection {
             head.body
         };
 
+        // All of the request is in `request_head` when its body was coalesced or absent: it
+        // can then go out again. A body that streams from the client cannot, so it never rides
+        // a pooled connection the backend may have closed meanwhile.
+        let replayable = request_body == BodyFraming::None;
+        let reuse = if replayable {
+            Reuse::Pooled
+        } else {
+            Reuse::Fresh
+        };
         let mut tried = Tried::default();
+        // What to answer if no backend is left after a failed exchange.
+        let mut failed_with = None;
+        let mut resent_elsewhere = false;
         loop {
-            let Some((selection, mut upstream)) =
-                upstream::connect_next(route, sticky.get(), &mut tried, ctx, Reuse::Pooled).await
-            else {
-                self.answer(503).await;
-                return Ok(Next::Close);
-            };
+            let (selection, mut upstream) =
+                match upstream::connect_next(route, sticky.get(), &mut tried, ctx, reuse).await {
+                    Ok(connected) => connected,
+                    Err(Unavailable::NoBackend) if failed_with.is_some() => {
+                        self.answer(failed_with.unwrap_or(502)).await;
+                        return Ok(Next::Close);
+                    }
+                    Err(why) => {
+                        self.answer_unavailable(why).await;
+                        return Ok(Next::Close);
+                    }
+                };
             let backend = &route.backends[selection.index];
             backend.stats.requests.fetch_add(1, Ordering::Relaxed);
             let set_sticky =
                 (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
-            match self
+            let mut outcome = self
                 .attempt(head, request_body, &mut upstream, set_sticky, ctx)
-                .await
-            {
+                .await;
+            // A kept-alive connection the backend had closed says nothing about the backend or
+            // the request: the same backend again, on a new connection.
+            if matches!(outcome, Attempt::Lost(_)) && upstream.reused {
+                Metrics::add(&metrics.stale_reconnects, 1);
+                match upstream.reconnect(ctx).await {
+                    Ok(()) => {
+                        outcome = self
+                            .attempt(head, request_body, &mut upstream, set_sticky, ctx)
+                            .await;
+                    }
+                    Err(e) if super::is_fd_exhaustion(&e) => {
+                        ctx.admission.note_fd_exhaustion();
+                        self.answer_unavailable(Unavailable::Overloaded).await;
+                        return Ok(Next::Close);
+                    }
+                    Err(e) => {
+                        metrics.backend_error(BackendError::Connect);
+                        upstream::report_connect_failure(ctx, backend, format!("connect: {e}"));
+                        continue;
+                    }
+                }
+            }
+            match outcome {
                 Attempt::Done { next, keep_backend } => {
+                    backend.stats.exchange_succeeded();
                     if keep_backend {
                         upstream.reused = true;
                         ctx.pool.put(upstream);
                     }
                     return Ok(next);
                 }
-                Attempt::Retry(why) => {
+                Attempt::Lost(why) => {
                     metrics.backend_error(BackendError::Reset);
-                    // A kept-alive connection the backend closed meanwhile says nothing about
-                    // the backend's health.
-                    if !upstream.reused {
-                        upstream::report_failure(ctx, backend, why);
+                    upstream::report_exchange_failure(ctx, backend, &why);
+                    debug!(backend = %backend.addr, "no response: {why}");
+                    // Sent again at most once, to another backend, and only when repeating it
+                    // is harmless and the session is not pinned: a request that makes backends
+                    // close without answering must not go round every replica.
+                    if replayable
+                        && head.method.is_idempotent()
+                        && !selection.by_cookie
+                        && !resent_elsewhere
+                    {
+                        resent_elsewhere = true;
+                        failed_with = Some(502);
+                        continue;
                     }
+                    self.answer(502).await;
+                    return Ok(Next::Close);
                 }
                 Attempt::Fail { status, kind, why } => {
                     metrics.backend_error(kind);
+                    if kind != BackendError::ClientTimeout {
+                        upstream::report_exchange_failure(ctx, backend, &why);
+                    }
                     debug!(backend = %backend.addr, "answering {status}: {why}");
                     self.answer(status).await;
                     return Ok(Next::Close);
@@ -286,12 +382,12 @@ impl Connection {
     ) -> Attempt {
         let metrics = &ctx.metrics;
         if let Err(e) = upstream.stream.write_all(&self.request_head).await {
-            return Attempt::Retry(format!("sending the request: {e}"));
+            return Attempt::Lost(format!("sending the request: {e}"));
         }
         Metrics::add(&metrics.bytes_copied, self.request_head.len() as u64);
         let client_side = ClientSide {
             request_was_head: head.method == request::Method::Head,
-            keep_alive: head.keep_alive && !*self.shutdown.borrow(),
+            keep_alive: head.keep_alive && !self.phase.borrow().stopping(),
             http10: head.http10,
             set_sticky,
         };
@@ -299,6 +395,7 @@ impl Connection {
             splice: ctx.splice_threshold().map(|t| (&ctx.pipes, t)),
             copied: &metrics.bytes_copied,
             spliced: &metrics.bytes_spliced,
+            idle_timeout: ctx.settings.body_idle_timeout,
         };
         let exchange = RequestExchange {
             client: &mut self.client,
@@ -311,7 +408,7 @@ impl Connection {
             spliced: &mut self.spliced,
             response_timeout: ctx.settings.response_timeout,
         };
-        exchange.run(head, request_body, &client_side).await
+        exchange.run(request_body, &client_side).await
     }
 }
 
@@ -334,7 +431,11 @@ enum ExchangeOutcome {
     Response(Result<ResponseHead, ResponseError>, RequestBody),
     /// The client's chunked framing is broken: 400, and the connection ends.
     BadRequestBody(&'static str),
+    /// The client stopped sending its body for the body idle timeout: 408.
+    ClientStalled,
     ClientGone,
+    /// No response head within the response timeout of the end of the request body.
+    ResponseTimeout,
 }
 
 /// How the request body transfer ended.
@@ -348,19 +449,14 @@ enum RequestBody {
 impl RequestExchange<'_> {
     /// `request_body` is what is left of the request body to relay (nothing when it went out
     /// with the head).
-    async fn run(
-        self,
-        head: &RequestHead,
-        request_body: BodyFraming,
-        client_side: &ClientSide<'_>,
-    ) -> Attempt {
-        let resendable = head.body == BodyFraming::None && head.method.is_idempotent();
+    async fn run(self, request_body: BodyFraming, client_side: &ClientSide<'_>) -> Attempt {
         let (mut client_read, mut client_write) = self.client.split();
         let (mut backend_read, mut backend_write) = self.upstream.stream.split();
 
         // The request body and the response head move at the same time: the backend may answer
         // `100 Continue` first (the client waits for it before sending the body), or answer
-        // early without reading the body at all.
+        // early without reading the body at all. The response timeout runs from the end of
+        // the request body: a long upload is not the backend being slow.
         let outcome = {
             let body = body::relay(
                 request_body,
@@ -376,26 +472,32 @@ impl RequestExchange<'_> {
                 client_side,
                 self.response_head,
                 self.metrics,
-                self.response_timeout,
             );
             let mut body = pin!(body);
             let mut response = pin!(response);
             let mut body_done = request_body == BodyFraming::None;
+            let mut response_deadline = body_done.then(|| Instant::now() + self.response_timeout);
             loop {
+                let deadline = response_deadline.unwrap_or_else(far_future);
                 tokio::select! {
-                    result = &mut body, if !body_done => match result {
-                        Ok(spliced) => {
-                            *self.spliced |= spliced;
-                            body_done = true;
+                    result = &mut body, if !body_done => {
+                        match result {
+                            Ok(spliced) => *self.spliced |= spliced,
+                            // A backend that stopped reading answers or fails next.
+                            Err(RelayError::Sink(_)) => {}
+                            Err(RelayError::Framing(e)) => break ExchangeOutcome::BadRequestBody(e.0),
+                            Err(e @ RelayError::Source(_)) if e.is_timeout() => break ExchangeOutcome::ClientStalled,
+                            Err(RelayError::Source(_)) => break ExchangeOutcome::ClientGone,
                         }
-                        // A backend that stopped reading answers or fails next.
-                        Err(RelayError::Sink(_)) => body_done = true,
-                        Err(RelayError::Framing(e)) => break ExchangeOutcome::BadRequestBody(e.0),
-                        Err(RelayError::Source(_)) => break ExchangeOutcome::ClientGone,
+                        body_done = true;
+                        response_deadline = Some(Instant::now() + self.response_timeout);
                     },
                     result = &mut response => {
                         let body = if body_done { RequestBody::Complete } else { RequestBody::Abandoned };
                         break ExchangeOutcome::Response(result, body);
+                    }
+                    () = tokio::time::sleep_until(deadline), if response_deadline.is_some() => {
+                        break ExchangeOutcome::ResponseTimeout;
                     }
                 }
             }
@@ -409,17 +511,27 @@ impl RequestExchange<'_> {
                 let _ = client_write.write_all(&error_response(400, true)).await;
                 return Attempt::Abort;
             }
+            ExchangeOutcome::ClientStalled => {
+                return Attempt::Fail {
+                    status: 408,
+                    kind: BackendError::ClientTimeout,
+                    why: format!(
+                        "the client sent no body byte for {:?}",
+                        self.body_path.idle_timeout
+                    ),
+                };
+            }
             ExchangeOutcome::ClientGone => return Attempt::Abort,
-        };
-        let response = match response {
-            Ok(response) => response,
-            Err(ResponseError::Timeout) => {
+            ExchangeOutcome::ResponseTimeout => {
                 return Attempt::Fail {
                     status: 504,
                     kind: BackendError::Timeout,
                     why: format!("no response head within {:?}", self.response_timeout),
                 };
             }
+        };
+        let response = match response {
+            Ok(response) => response,
             Err(ResponseError::Invalid(why)) => {
                 return Attempt::Fail {
                     status: 502,
@@ -434,14 +546,7 @@ impl RequestExchange<'_> {
                 debug!("backend lost after an interim response: {error}");
                 return Attempt::Abort;
             }
-            Err(ResponseError::Lost { error, .. }) if resendable => return Attempt::Retry(error),
-            Err(ResponseError::Lost { error, .. }) => {
-                return Attempt::Fail {
-                    status: 502,
-                    kind: BackendError::Reset,
-                    why: error,
-                };
-            }
+            Err(ResponseError::Lost { error, .. }) => return Attempt::Lost(error),
             Err(ResponseError::ClientGone) => return Attempt::Abort,
         };
 
@@ -497,7 +602,6 @@ impl RequestExchange<'_> {
 }
 
 enum ResponseError {
-    Timeout,
     Invalid(&'static str),
     /// The backend closed or reset the connection before a complete head.
     Lost {
@@ -515,13 +619,11 @@ async fn read_response_head<R, W>(
     client_side: &ClientSide<'_>,
     out: &mut Vec<u8>,
     metrics: &Metrics,
-    timeout: Duration,
 ) -> Result<ResponseHead, ResponseError>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let deadline = Instant::now() + timeout;
     let mut client_saw_bytes = false;
     loop {
         if !buf.is_empty() {
@@ -542,9 +644,8 @@ where
             }
         }
         buf.reserve(16 * 1024);
-        match tokio::time::timeout_at(deadline, backend.read_buf(buf)).await {
-            Err(_) => return Err(ResponseError::Timeout),
-            Ok(Ok(0)) => {
+        match backend.read_buf(buf).await {
+            Ok(0) => {
                 let error = if buf.is_empty() {
                     "closed without a response"
                 } else {
@@ -555,8 +656,8 @@ where
                     client_saw_bytes,
                 });
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Ok(_) => {}
+            Err(e) => {
                 return Err(ResponseError::Lost {
                     error: e.to_string(),
                     client_saw_bytes,
@@ -593,6 +694,14 @@ async fn upgrade_to_tunnel(
 
 /// Bodies up to this size that are already buffered go out in the same write as their head.
 const COALESCE_LIMIT: u64 = 64 * 1024;
+
+/// What a 503 for a busy backend or an overloaded agent tells the client to wait.
+const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// A deadline that never comes (for a `select!` arm that is disabled anyway).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
 
 /// Moves a small `Content-Length` body that is entirely in `buf` to the end of `head`, so that
 /// both leave in one write. Returns whether it did.

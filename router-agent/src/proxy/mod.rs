@@ -1,7 +1,9 @@
 //! The HTTP data path: listeners, and one task per client connection.
 //!
-//! `connection` runs the per-request state machine, `upstream` owns backend connections, and
-//! `body` moves message bodies by their framing.
+//! `connection` runs the per-request state machine, `upstream` owns backend connections,
+//! `body` moves message bodies by their framing, and `admission` keeps the number of client
+//! connections within the descriptor budget.
+mod admission;
 mod body;
 mod connection;
 mod pool;
@@ -14,12 +16,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use self::{
+    admission::{Admission, Admitted, is_fd_exhaustion},
     pool::Pool,
     splice::{DEFAULT_PIPE_SIZE, PipePool},
     tcp_routes::serve_tcp_routes,
@@ -44,13 +47,32 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     /// Passive failures go to the registry.
     pub registry: mpsc::UnboundedSender<Message>,
-    /// Flips to true when the agent begins shutting down.
-    pub shutdown: watch::Receiver<bool>,
+    /// Where the agent is in its life (serving, handing over, draining).
+    pub phase: watch::Receiver<Phase>,
     pub datapath: DatapathMode,
     /// The kernel side, when it loaded (and the mode allows it).
     pub offload: Option<Arc<KernelOffload>>,
     pub pool: Pool,
     pub pipes: PipePool,
+    pub admission: Admission,
+}
+
+/// The agent's life after start, as the data path sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    /// SIGTERM came: connections are no longer kept alive, but new ones are still accepted
+    /// until a successor listens (or the handover timeout passes).
+    HandingOver,
+    /// Listeners are closed; in-flight requests finish within the grace period.
+    Draining,
+}
+
+impl Phase {
+    /// Connections end after their current request.
+    pub fn stopping(self) -> bool {
+        self != Self::Serving
+    }
 }
 
 impl ProxyContext {
@@ -66,33 +88,117 @@ impl ProxyContext {
     }
 }
 
-/// Closes pooled connections to backends that left or stopped being up, whenever the routing
-/// table changes.
-pub async fn maintain_pool(ctx: Arc<ProxyContext>) {
-    let mut versions = ctx.published.table_version.subscribe();
-    while versions.changed().await.is_ok() {
-        ctx.pool.retain_up(&ctx.published.table.load());
+impl ProxyContext {
+    /// Prometheus text for the admission, pool and pipe state (appended to `Metrics::render`).
+    pub fn render_state_metrics(&self) -> String {
+        use std::{fmt::Write as _, sync::atomic::Ordering};
+        let mut out = String::new();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let mut series = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        let admission = &self.admission;
+        series(
+            "router_connections_max",
+            "gauge",
+            "Client connections allowed at once (max_connections).",
+            admission.max_connections() as u64,
+        );
+        series(
+            "router_connection_limit_reached_total",
+            "counter",
+            "Times a listener found the connection limit reached.",
+            load(&admission.limit_reached),
+        );
+        series(
+            "router_fd_exhausted_total",
+            "counter",
+            "Times the agent could not get a file descriptor.",
+            load(&admission.fd_exhausted),
+        );
+        series(
+            "router_connections_shed_total",
+            "counter",
+            "Idle client connections closed to make room at the connection limit.",
+            load(&admission.shed_connections),
+        );
+        series(
+            "router_pool_idle_connections",
+            "gauge",
+            "Kept-alive backend connections waiting in the pool.",
+            self.pool.idle_total() as u64,
+        );
+        series(
+            "router_pipes_in_use",
+            "gauge",
+            "Splice pipes lent to transfers now.",
+            self.pipes.in_use() as u64,
+        );
+        series(
+            "router_pipes_exhausted_total",
+            "counter",
+            "Transfers copied because no splice pipe was free.",
+            load(&self.pipes.exhausted),
+        );
+        out
     }
 }
 
-/// Binds a listening socket with a deep backlog (bursts of new connections are normal for a
-/// router) and `SO_REUSEADDR` (restarts must not wait out `TIME_WAIT`).
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    Ok(TcpListener::from_std(bind_std(addr, false)?)?)
+/// Closes pooled connections to backends that left or stopped being up, whenever the routing
+/// table changes, and those the backend closed, every sweep period.
+pub async fn maintain_pool(ctx: Arc<ProxyContext>) {
+    let mut versions = ctx.published.table_version.subscribe();
+    let mut sweeps = tokio::time::interval(pool::SWEEP_PERIOD);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                ctx.pool.retain_up(&ctx.published.table.load());
+            }
+            _ = sweeps.tick() => {
+                let closed = ctx.pool.sweep();
+                if closed > 0 {
+                    debug!("closed {closed} pooled connection(s) the backends had closed");
+                }
+            }
+        }
+    }
 }
 
-/// The listening socket itself, for a worker thread to adopt. With `reuse_port` several
-/// sockets share the address and the kernel spreads new connections over them.
-fn bind_std(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<std::net::TcpListener> {
+/// TCP keepalive on a client or backend socket: a peer that vanished without a FIN or RST
+/// (host down, network cut) is found after `idle` plus about a minute of probes.
+pub fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) {
+    let Some(idle) = idle else { return };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// Binds a listening socket with a deep backlog (bursts of new connections are normal for a
+/// router), `SO_REUSEADDR` (restarts must not wait out `TIME_WAIT`) and `SO_REUSEPORT` (a
+/// successor agent binds the same port while this one drains; see `handover`).
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    Ok(TcpListener::from_std(bind_std(addr)?)?)
+}
+
+/// The listening socket itself, for a worker thread to adopt. Several sockets share the
+/// address (`SO_REUSEPORT`) and the kernel spreads new connections over them.
+fn bind_std(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket
         .bind(&addr.into())
@@ -113,7 +219,7 @@ pub fn spawn_workers(
     for worker in 0..workers.max(1) {
         let listeners = addresses
             .iter()
-            .map(|addr| bind_std(*addr, workers > 1))
+            .map(|addr| bind_std(*addr))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let ctx = ctx.clone();
         std::thread::Builder::new()
@@ -148,25 +254,46 @@ pub fn spawn_workers(
     Ok(())
 }
 
-/// Accepts connections until shutdown begins.
+/// Accepts connections within the connection limit until the agent drains.
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     let local = listener.local_addr().ok();
     info!("serving HTTP routes on {local:?}");
-    let mut shutdown = ctx.shutdown.clone();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(connection::handle(stream, peer, ctx.clone()));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!("accept on {local:?} failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = shutdown.changed() => break,
-        }
+    while let Some((stream, peer, admitted)) = accept(&listener, &ctx).await {
+        tokio::spawn(connection::handle(stream, peer, ctx.clone(), admitted));
     }
     info!("stopped accepting on {local:?}");
+}
+
+/// The next client connection with its admission, or `None` once the agent drains. Waits at
+/// the connection limit; backs off when descriptors run out.
+pub async fn accept(
+    listener: &TcpListener,
+    ctx: &ProxyContext,
+) -> Option<(TcpStream, SocketAddr, Admitted)> {
+    let mut phase = ctx.phase.clone();
+    let draining = |p: &Phase| *p == Phase::Draining;
+    loop {
+        let admitted = tokio::select! {
+            admitted = ctx.admission.admit() => admitted,
+            _ = phase.wait_for(draining) => return None,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = phase.wait_for(draining) => return None,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                set_keepalive(&stream, ctx.settings.tcp_keepalive);
+                return Some((stream, peer, admitted));
+            }
+            Err(e) if is_fd_exhaustion(&e) => {
+                warn!("accept: {e}; shedding idle connections");
+                ctx.admission.note_fd_exhaustion();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // A connection reset before it was accepted, and the like: nothing to do.
+            Err(e) => debug!("accept: {e}"),
+        }
+    }
 }

@@ -2,11 +2,18 @@
 //!
 //! Pipes are made once and reused (a pipe of 1 MiB lets one splice call move a large slice of a
 //! body); only empty pipes go back to the pool, so a transfer that failed half-way can never leak
-//! its bytes into the next one.
+//! its bytes into the next one. The number of pipes in use is bounded (each costs two
+//! descriptors and up to its capacity in kernel memory): past the bound, or when the kernel
+//! refuses a new pipe, a transfer reports [`SpliceError::NoPipe`] before moving anything and
+//! the caller copies instead.
 use std::{
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    sync::{Mutex, atomic::AtomicU64},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -63,17 +70,48 @@ pub struct PipePool {
     /// Capacity the kernel granted the first pipe (it rounds up to a power of two pages, and
     /// refuses more than /proc/sys/fs/pipe-max-size to an unprivileged process).
     granted: usize,
+    /// Pipes lent to transfers now, and the most that may be.
+    in_use: AtomicUsize,
+    max_in_use: usize,
+    /// Transfers that found no pipe and were copied instead.
+    pub exhausted: AtomicU64,
+}
+
+/// A pipe lent to one transfer; it goes back to the pool when dropped if it ended empty.
+struct Lease<'a> {
+    pool: &'a PipePool,
+    pipe: Option<Pipe>,
+    empty: bool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.pool.in_use.fetch_sub(1, Ordering::Relaxed);
+        if let Some(pipe) = self.pipe.take().filter(|_| self.empty) {
+            let mut free = self
+                .pool
+                .free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if free.len() < MAX_FREE_PIPES {
+                free.push(pipe);
+            }
+        }
+    }
 }
 
 impl PipePool {
-    /// A pool asking for pipes of `size` bytes, with its first pipe made (which tells what the
-    /// kernel grants).
-    pub fn new(size: usize) -> io::Result<Self> {
+    /// A pool asking for pipes of `size` bytes, lending at most `max_in_use` at once, with its
+    /// first pipe made (which tells what the kernel grants).
+    pub fn new(size: usize, max_in_use: usize) -> io::Result<Self> {
         let first = Pipe::new(size)?;
         Ok(Self {
             granted: first.capacity,
             free: Mutex::new(vec![first]),
             size,
+            in_use: AtomicUsize::new(0),
+            max_in_use: max_in_use.max(1),
+            exhausted: AtomicU64::new(0),
         })
     }
 
@@ -81,18 +119,37 @@ impl PipePool {
         self.granted
     }
 
-    pub fn get(&self) -> io::Result<Pipe> {
-        match self.free.lock().expect("pipe pool lock").pop() {
-            Some(pipe) => Ok(pipe),
-            None => Pipe::new(self.size),
-        }
+    /// Pipes lent to transfers now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
     }
 
-    /// Returns an emptied pipe for reuse.
-    pub fn put(&self, pipe: Pipe) {
-        let mut free = self.free.lock().expect("pipe pool lock");
-        if free.len() < MAX_FREE_PIPES {
-            free.push(pipe);
+    /// A pipe for one transfer, or `None` at the bound or when the kernel refuses a new one.
+    fn lease(&self) -> Option<Lease<'_>> {
+        if self.in_use.fetch_add(1, Ordering::Relaxed) >= self.max_in_use {
+            self.in_use.fetch_sub(1, Ordering::Relaxed);
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut lease = Lease {
+            pool: self,
+            pipe: None,
+            empty: false,
+        };
+        match reused.map_or_else(|| Pipe::new(self.size), Ok) {
+            Ok(pipe) => {
+                lease.pipe = Some(pipe);
+                Some(lease)
+            }
+            Err(_) => {
+                self.exhausted.fetch_add(1, Ordering::Relaxed);
+                None
+            }
         }
     }
 }
@@ -102,32 +159,31 @@ impl PipePool {
 pub enum SpliceError {
     Source(io::Error),
     Sink(io::Error),
+    /// No pipe to lend: nothing was moved, copy instead.
+    NoPipe,
 }
 
 /// Moves exactly `len` bytes (or, with `None`, everything until EOF) from `src` to `dst`.
-/// Returns the bytes moved. The pipe is returned to the pool only if it ended empty.
+/// Returns the bytes moved. A side that makes no progress for `idle_timeout` (if given) fails
+/// with `TimedOut`. The pipe goes back to the pool only if it ended empty.
 pub async fn transfer(
     src: &TcpStream,
     dst: &TcpStream,
     len: Option<u64>,
     pipes: &PipePool,
     counter: &AtomicU64,
+    idle_timeout: Option<Duration>,
 ) -> Result<u64, SpliceError> {
-    let pipe = pipes.get().map_err(SpliceError::Source)?;
-    let (result, empty) = {
-        let mut state = Transfer {
-            pipe: &pipe,
-            in_pipe: 0,
-            remaining: len,
-            moved: 0,
-            eof: false,
-        };
-        let result = state.run(src, dst, counter).await;
-        (result, state.in_pipe == 0)
+    let mut lease = pipes.lease().ok_or(SpliceError::NoPipe)?;
+    let mut state = Transfer {
+        pipe: lease.pipe.as_ref().expect("a lease holds its pipe"),
+        in_pipe: 0,
+        remaining: len,
+        moved: 0,
+        eof: false,
     };
-    if result.is_ok() && empty {
-        pipes.put(pipe);
-    }
+    let result = state.run(src, dst, counter, idle_timeout).await;
+    lease.empty = result.is_ok() && state.in_pipe == 0;
     result
 }
 
@@ -151,6 +207,7 @@ impl Transfer<'_> {
         src: &TcpStream,
         dst: &TcpStream,
         counter: &AtomicU64,
+        idle_timeout: Option<Duration>,
     ) -> Result<u64, SpliceError> {
         loop {
             let mut progressed = false;
@@ -195,19 +252,39 @@ impl Transfer<'_> {
                 return Ok(self.moved);
             }
             if !progressed {
-                self.wait(src, dst).await?;
+                self.wait(src, dst, idle_timeout).await?;
             }
         }
     }
 
-    /// Waits until the side that blocked progress is ready.
-    async fn wait(&self, src: &TcpStream, dst: &TcpStream) -> Result<(), SpliceError> {
+    /// Waits until the side that blocked progress is ready, at most `idle_timeout`.
+    async fn wait(
+        &self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        idle_timeout: Option<Duration>,
+    ) -> Result<(), SpliceError> {
         let can_read = !self.source_done() && self.in_pipe < self.pipe.capacity;
         let can_write = self.in_pipe > 0;
-        tokio::select! {
-            r = src.readable(), if can_read => r.map_err(SpliceError::Source),
-            r = dst.writable(), if can_write => r.map_err(SpliceError::Sink),
-        }
+        let ready = async {
+            tokio::select! {
+                r = src.readable(), if can_read => r.map_err(SpliceError::Source),
+                r = dst.writable(), if can_write => r.map_err(SpliceError::Sink),
+            }
+        };
+        let Some(limit) = idle_timeout else {
+            return ready.await;
+        };
+        tokio::time::timeout(limit, ready)
+            .await
+            .unwrap_or_else(|_| {
+                let stalled = super::body::idle(limit);
+                Err(if can_write {
+                    SpliceError::Sink(stalled)
+                } else {
+                    SpliceError::Source(stalled)
+                })
+            })
     }
 }
 
@@ -240,6 +317,8 @@ mod tests {
 
     use super::*;
 
+    const IDLE: Duration = Duration::from_secs(5);
+
     /// A connected pair of loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -263,14 +342,14 @@ mod tests {
                 writer
             })
         };
-        let pipes = PipePool::new(DEFAULT_PIPE_SIZE).unwrap();
+        let pipes = PipePool::new(DEFAULT_PIPE_SIZE, 4).unwrap();
         let counter = AtomicU64::new(0);
         let receiver = tokio::spawn(async move {
             let mut got = vec![0u8; 3_000_000];
             reader.read_exact(&mut got).await.unwrap();
             got
         });
-        let moved = transfer(&src, &dst, Some(3_000_000), &pipes, &counter)
+        let moved = transfer(&src, &dst, Some(3_000_000), &pipes, &counter, Some(IDLE))
             .await
             .unwrap();
         assert_eq!(moved, 3_000_000);
@@ -290,6 +369,40 @@ mod tests {
             1,
             "the emptied pipe is reused"
         );
+        assert_eq!(pipes.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_pipe_past_the_bound_and_a_stalled_side_times_out() {
+        let (mut writer, src) = pair().await;
+        let (dst, _reader) = pair().await;
+        writer.write_all(b"abc").await.unwrap();
+        let pipes = PipePool::new(DEFAULT_PIPE_SIZE, 1).unwrap();
+        let counter = AtomicU64::new(0);
+        let stalled = transfer(
+            &src,
+            &dst,
+            Some(10),
+            &pipes,
+            &counter,
+            Some(Duration::from_millis(200)),
+        );
+        let second = async {
+            // The first transfer holds the only pipe while it waits for the missing bytes.
+            tokio::task::yield_now().await;
+            transfer(&src, &dst, Some(10), &pipes, &counter, Some(IDLE)).await
+        };
+        let (stalled, second) = tokio::join!(stalled, second);
+        assert!(matches!(second, Err(SpliceError::NoPipe)));
+        assert_eq!(pipes.exhausted.load(Ordering::Relaxed), 1);
+        assert!(
+            matches!(stalled, Err(SpliceError::Source(e)) if e.kind() == io::ErrorKind::TimedOut)
+        );
+        assert_eq!(pipes.in_use(), 0, "the lease is returned after a failure");
+        assert!(
+            pipes.free.lock().unwrap().is_empty(),
+            "a non-empty pipe is not reused"
+        );
     }
 
     #[tokio::test]
@@ -302,8 +415,9 @@ mod tests {
             &src,
             &dst,
             Some(100),
-            &PipePool::new(DEFAULT_PIPE_SIZE).unwrap(),
+            &PipePool::new(DEFAULT_PIPE_SIZE, 4).unwrap(),
             &AtomicU64::new(0),
+            Some(IDLE),
         )
         .await;
         assert!(matches!(result, Err(SpliceError::Source(_))));
@@ -316,8 +430,8 @@ mod tests {
         tokio::spawn(async move {
             writer.write_all(&vec![7u8; 100_000]).await.unwrap();
         });
-        let pipes = PipePool::new(DEFAULT_PIPE_SIZE).unwrap();
-        let moved = transfer(&src, &dst, None, &pipes, &AtomicU64::new(0))
+        let pipes = PipePool::new(DEFAULT_PIPE_SIZE, 4).unwrap();
+        let moved = transfer(&src, &dst, None, &pipes, &AtomicU64::new(0), Some(IDLE))
             .await
             .unwrap();
         assert_eq!(moved, 100_000);

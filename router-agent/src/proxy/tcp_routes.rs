@@ -5,14 +5,13 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use tokio::{net::TcpStream, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
-    ProxyContext, bind, tunnel,
+    Admitted, Phase, ProxyContext, accept, bind, tunnel,
     upstream::{self, Reuse, Tried},
 };
 
@@ -20,7 +19,7 @@ use super::{
 pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
     let mut listeners: HashMap<u16, Vec<JoinHandle<()>>> = HashMap::new();
     let mut versions = ctx.published.table_version.subscribe();
-    let mut shutdown = ctx.shutdown.clone();
+    let mut phase = ctx.phase.clone();
     loop {
         let wanted: HashSet<u16> = ctx.published.table.load().tcp_ports().collect();
         listeners.retain(|port, tasks| {
@@ -54,36 +53,36 @@ pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
         }
         tokio::select! {
             changed = versions.changed() => if changed.is_err() { break },
-            _ = shutdown.wait_for(|stopping| *stopping) => break,
+            _ = phase.wait_for(|p| *p == Phase::Draining) => break,
         }
     }
     listeners.values().flatten().for_each(JoinHandle::abort);
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, port: u16, ctx: Arc<ProxyContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, port, ctx.clone()));
-            }
-            Err(e) => {
-                warn!("accept on tcp route port {port}: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    while let Some((stream, peer, admitted)) = accept(&listener, &ctx).await {
+        tokio::spawn(handle(stream, peer, port, ctx.clone(), admitted));
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<ProxyContext>) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    ctx: Arc<ProxyContext>,
+    _admitted: Admitted,
+) {
     let _open = ctx.metrics.open_connection();
-    let _ = client.set_nodelay(true);
     let table = ctx.published.table.load_full();
-    if let Some(route) = table.tcp_route(port) {
-        if route.internal && !ctx.published.is_internal(peer.ip()) {
-            info!(%peer, domain = %route.domain, "internal tcp route asked from outside the internal networks: closed");
-        } else if let Some((_, mut upstream)) =
-            upstream::connect_next(route, None, &mut Tried::default(), &ctx, Reuse::Fresh).await
-        {
+    let Some(route) = table.tcp_route(port) else {
+        return;
+    };
+    if route.internal && !ctx.published.is_internal(peer.ip()) {
+        info!(%peer, domain = %route.domain, "internal tcp route asked from outside the internal networks: closed");
+        return;
+    }
+    match upstream::connect_next(route, None, &mut Tried::default(), &ctx, Reuse::Fresh).await {
+        Ok((_, mut upstream)) => {
             tunnel::run(
                 &mut client,
                 &mut upstream.stream,
@@ -92,5 +91,6 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<Pro
             )
             .await;
         }
+        Err(why) => debug!(%peer, port, "tcp route: no backend ({why:?}); closed"),
     }
 }

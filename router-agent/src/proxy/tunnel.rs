@@ -71,7 +71,8 @@ impl TunnelPath {
     }
 }
 
-/// Moves bytes both ways until both directions ended or one side failed.
+/// Moves bytes both ways until both directions ended, one side failed, or the tunnel carried
+/// no byte either way for the tunnel idle timeout (then both sides are closed).
 pub async fn run(
     client: &mut TcpStream,
     backend: &mut TcpStream,
@@ -79,16 +80,30 @@ pub async fn run(
     ctx: &ProxyContext,
 ) {
     let metrics = &ctx.metrics;
+    let idle_timeout = ctx.settings.tunnel_idle_timeout;
     match path {
-        TunnelPath::Copy => copy_both_ways(client, backend, metrics).await,
+        TunnelPath::Copy => {
+            let (idle_client, idle_backend) = (client.as_raw_fd(), backend.as_raw_fd());
+            tokio::select! {
+                () = copy_both_ways(client, backend, metrics) => {}
+                () = idle_for(idle_client, idle_backend, idle_timeout) => {
+                    debug!("tunnel idle for {idle_timeout:?}: closed");
+                }
+            }
+        }
         TunnelPath::Splice => {
             let (client, backend) = (&*client, &*backend);
             let up = splice_direction(client, backend, ctx);
             let down = splice_direction(backend, client, ctx);
-            if let Err(e) = tokio::try_join!(up, down) {
-                debug!("spliced tunnel ended: {e:?}");
-                reset(client);
-                reset(backend);
+            tokio::select! {
+                ended = async { tokio::try_join!(up, down) } => if let Err(e) = ended {
+                    debug!("spliced tunnel ended: {e:?}");
+                    reset(client);
+                    reset(backend);
+                },
+                () = idle_for(client.as_raw_fd(), backend.as_raw_fd(), idle_timeout) => {
+                    debug!("tunnel idle for {idle_timeout:?}: closed");
+                }
             }
         }
         TunnelPath::Kernel => {
@@ -96,7 +111,32 @@ pub async fn run(
                 .offload
                 .as_deref()
                 .expect("kernel path chosen only with offload");
-            kernel(client, backend, offload, metrics).await;
+            kernel(client, backend, offload, metrics, idle_timeout).await;
+        }
+    }
+}
+
+/// Resolves once neither socket has received a byte or had one acknowledged for `timeout`
+/// (the kernel's own counters, so this works whichever path moves the bytes).
+async fn idle_for(a: RawFd, b: RawFd, timeout: Duration) {
+    let traffic = || {
+        [a, b]
+            .into_iter()
+            .filter_map(tcp_info)
+            .map(|i| i.tcpi_bytes_received + i.tcpi_bytes_acked)
+            .sum::<u64>()
+    };
+    let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    let mut last = traffic();
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(period).await;
+        let now = traffic();
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= timeout {
+            return;
         }
     }
 }
@@ -128,14 +168,40 @@ async fn copy_direction(
     }
 }
 
+/// One direction through splice, or, when no pipe is free, through a userspace copy.
 async fn splice_direction(
     from: &TcpStream,
     to: &TcpStream,
     ctx: &ProxyContext,
 ) -> Result<(), SpliceError> {
-    splice::transfer(from, to, None, &ctx.pipes, &ctx.metrics.bytes_spliced).await?;
+    // No idle limit here: the tunnel has its own (`idle_for`), over both directions, since one
+    // direction may rightly stay quiet for ever while the other one talks.
+    match splice::transfer(from, to, None, &ctx.pipes, &ctx.metrics.bytes_spliced, None).await {
+        Err(SpliceError::NoPipe) => copy_shared(from, to, &ctx.metrics)
+            .await
+            .map_err(SpliceError::Sink)?,
+        result => {
+            result?;
+        }
+    }
     shutdown_write(to);
     Ok(())
+}
+
+/// A userspace copy over shared references (the splice path's fallback).
+async fn copy_shared(from: &TcpStream, to: &TcpStream, metrics: &Metrics) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        write_all(to, &buf[..n]).await?;
+        Metrics::add(&metrics.bytes_copied, n as u64);
+    }
 }
 
 /// The kernel path: attach both sockets, then only watch for each side's end.
@@ -144,6 +210,7 @@ async fn kernel(
     backend: &mut TcpStream,
     offload: &KernelOffload,
     metrics: &Metrics,
+    idle_timeout: Duration,
 ) {
     // What each socket had been given to send before the kernel took over: the flush check
     // compares the kernel's redirected bytes against what was sent since.
@@ -185,7 +252,8 @@ async fn kernel(
         passed_read: 0,
     };
     let (up, down) = (up.run(offload, metrics), down.run(offload, metrics));
-    tokio::pin!(up, down);
+    let idle = idle_for(client.as_raw_fd(), backend.as_raw_fd(), idle_timeout);
+    tokio::pin!(up, down, idle);
     let (mut up_done, mut down_done) = (false, false);
     let mut ended_by_reset = false;
     while !(ended_by_reset || (up_done && down_done)) {
@@ -197,6 +265,10 @@ async fn kernel(
             step = &mut down, if !down_done => {
                 down_done = true;
                 ended_by_reset = step == Step::Reset;
+            }
+            () = &mut idle => {
+                debug!("kernel tunnel idle for {idle_timeout:?}: closed");
+                break;
             }
         }
     }

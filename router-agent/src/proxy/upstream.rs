@@ -1,4 +1,5 @@
-//! Connections to backends.
+//! Connections to backends: choosing one that takes the request (stickiness, weights, per-
+//! backend connection limits) and connecting to it.
 use std::{
     io,
     net::SocketAddr,
@@ -7,9 +8,9 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
 
-use super::ProxyContext;
+use super::{ProxyContext, admission::is_fd_exhaustion, set_keepalive};
 use crate::{
     metrics::{BackendError, Metrics},
     registry::Message,
@@ -19,56 +20,153 @@ use crate::{
 /// Whether an idle pooled HTTP connection may serve the request.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Reuse {
-    /// HTTP requests: take a pooled connection if there is one.
+    /// The request can be sent again if a kept-alive connection turns out closed: take a pooled
+    /// connection if there is one.
     Pooled,
-    /// Tunnels: a connection of their own.
+    /// Tunnels, and requests whose body streams from the client: a connection of their own.
     Fresh,
 }
 
+/// Why no backend took the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No backend of the route takes new requests (none up, or every one refused): 503.
+    NoBackend,
+    /// Every candidate is at its connection limit and the queue wait ran out: 503 with
+    /// `Retry-After`.
+    Saturated,
+    /// The agent is out of descriptors: 503 with `Retry-After`; no backend is blamed.
+    Overloaded,
+}
+
 /// Picks backends of the route until one accepts a connection. Each backend that refuses is
-/// reported to the registry (a passive failure takes it down at once) and added to `tried`.
-/// `None` when no backend is left (the caller answers 503 or closes).
+/// reported to the registry (a refused connection takes it down at once) and added to
+/// `tried`. Backends at their connection limit are skipped while others are free; when all
+/// are busy the request queues for the first one (or the sticky one) up to the queue timeout.
 pub async fn connect_next(
     route: &Route,
     sticky: Option<&[u8]>,
     tried: &mut Tried,
     ctx: &ProxyContext,
     reuse: Reuse,
-) -> Option<(Selection, Upstream)> {
+) -> Result<(Selection, Upstream), Unavailable> {
+    let mut busy = Tried::default();
     loop {
-        let selection = route
-            .select(sticky, tried.as_slice())
-            .filter(|_| !tried.is_full())?;
+        let excluded = tried.with(&busy);
+        let candidate = route
+            .select(sticky, excluded.as_slice())
+            .filter(|_| !tried.is_full());
+        let (selection, slot) = match candidate {
+            Some(selection) => {
+                let backend = &route.backends[selection.index];
+                match try_slot(&backend.stats) {
+                    Ok(slot) => (selection, slot),
+                    // A session stays with its backend: it waits for it rather than moving.
+                    Err(()) if selection.by_cookie => {
+                        (selection, queue_for(&backend.stats, ctx).await?)
+                    }
+                    Err(()) => {
+                        busy.push(selection.index);
+                        continue;
+                    }
+                }
+            }
+            None => {
+                let Some(&index) = busy.as_slice().first() else {
+                    return Err(Unavailable::NoBackend);
+                };
+                let slot = queue_for(&route.backends[index].stats, ctx).await?;
+                busy.remove(index);
+                let selection = Selection {
+                    index,
+                    by_cookie: false,
+                };
+                (selection, slot)
+            }
+        };
         if !tried.is_empty() {
             Metrics::add(&ctx.metrics.retries, 1);
         }
         tried.push(selection.index);
         let backend = &route.backends[selection.index];
         if reuse == Reuse::Pooled
-            && let Some(upstream) = ctx.pool.take(backend)
+            && let Some(mut upstream) = ctx.pool.take(backend)
         {
-            return Some((selection, upstream));
+            upstream.slot = slot;
+            return Ok((selection, upstream));
         }
-        match Upstream::connect(backend, ctx.settings.connect_timeout).await {
-            Ok(upstream) => return Some((selection, upstream)),
+        match Upstream::connect(backend, ctx).await {
+            Ok(mut upstream) => {
+                upstream.slot = slot;
+                return Ok((selection, upstream));
+            }
+            Err(e) if is_fd_exhaustion(&e) => {
+                ctx.admission.note_fd_exhaustion();
+                return Err(Unavailable::Overloaded);
+            }
             Err(e) => {
                 ctx.metrics.backend_error(BackendError::Connect);
-                report_failure(ctx, backend, format!("connect: {e}"));
+                report_connect_failure(ctx, backend, format!("connect: {e}"));
             }
         }
     }
 }
 
-pub fn report_failure(ctx: &ProxyContext, backend: &Backend, error: String) {
-    let _ = ctx.registry.send(Message::PassiveFailure {
+/// A free slot of a backend with a connection limit (`Ok(None)` without a limit).
+fn try_slot(stats: &BackendStats) -> Result<Option<OwnedSemaphorePermit>, ()> {
+    match &stats.slots {
+        None => Ok(None),
+        Some(slots) => slots.clone().try_acquire_owned().map(Some).map_err(|_| ()),
+    }
+}
+
+/// Waits for a slot of a backend at its limit, up to the queue timeout.
+async fn queue_for(
+    stats: &BackendStats,
+    ctx: &ProxyContext,
+) -> Result<Option<OwnedSemaphorePermit>, Unavailable> {
+    let Some(slots) = &stats.slots else {
+        return Ok(None);
+    };
+    match tokio::time::timeout(
+        ctx.settings.backend_queue_timeout,
+        slots.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(slot)) => Ok(Some(slot)),
+        _ => {
+            Metrics::add(&ctx.metrics.queue_timeouts, 1);
+            Err(Unavailable::Saturated)
+        }
+    }
+}
+
+/// A refused or unreachable backend: the registry takes it out.
+pub fn report_connect_failure(ctx: &ProxyContext, backend: &Backend, error: String) {
+    let _ = ctx.registry.send(Message::ConnectFailed {
         id: backend.container_id.clone(),
         addr: backend.addr,
         error,
     });
 }
 
+/// An exchange with the backend failed after the request was sent: one more in its error
+/// streak; the registry hears of it when the streak reaches the error limit.
+pub fn report_exchange_failure(ctx: &ProxyContext, backend: &Backend, error: &str) {
+    let errors = backend.stats.exchange_failed();
+    if errors == ctx.settings.error_limit {
+        let _ = ctx.registry.send(Message::ErrorStreak {
+            id: backend.container_id.clone(),
+            addr: backend.addr,
+            errors,
+            last_error: error.to_owned(),
+        });
+    }
+}
+
 /// Backends already tried for one request (a small fixed set: no allocation per request).
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 pub struct Tried {
     indices: [usize; 8],
     len: usize,
@@ -76,10 +174,26 @@ pub struct Tried {
 
 impl Tried {
     fn push(&mut self, index: usize) {
-        if self.len < self.indices.len() {
+        if self.len < self.indices.len() && !self.as_slice().contains(&index) {
             self.indices[self.len] = index;
             self.len += 1;
         }
+    }
+
+    fn remove(&mut self, index: usize) {
+        if let Some(at) = self.as_slice().iter().position(|&i| i == index) {
+            self.indices.copy_within(at + 1..self.len, at);
+            self.len -= 1;
+        }
+    }
+
+    /// Both sets together (capped at the capacity).
+    fn with(&self, other: &Self) -> Self {
+        let mut all = *self;
+        for &index in other.as_slice() {
+            all.push(index);
+        }
+        all
     }
 
     fn as_slice(&self) -> &[usize] {
@@ -96,7 +210,9 @@ impl Tried {
     }
 }
 
-/// An open connection to one backend container, counted in its `active_connections`.
+/// An open connection to one backend container. While it carries a request or a tunnel it is
+/// counted in the backend's `active_connections` (and holds one of its slots, if limited);
+/// idle in the pool it is not.
 pub struct Upstream {
     pub stream: TcpStream,
     /// Bytes read from the backend and not yet relayed.
@@ -107,32 +223,37 @@ pub struct Upstream {
     /// Whether it already carried a request (a kept-alive connection may have been closed by
     /// the backend in the meantime).
     pub reused: bool,
+    /// Counted in `active_connections` now.
+    active: bool,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Upstream {
-    pub async fn connect(backend: &Backend, timeout: Duration) -> io::Result<Self> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
-            Ok(stream) => stream?,
-            Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {timeout:?}"),
-                ));
-            }
-        };
-        stream.set_nodelay(true)?;
-        backend
-            .stats
-            .active_connections
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(Self {
+    pub async fn connect(backend: &Backend, ctx: &ProxyContext) -> io::Result<Self> {
+        let stream = open(backend.addr, ctx.settings.connect_timeout).await?;
+        set_keepalive(&stream, ctx.settings.tcp_keepalive);
+        let mut upstream = Self {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
             container_id: backend.container_id.clone(),
             addr: backend.addr,
             stats: backend.stats.clone(),
             reused: false,
-        })
+            active: false,
+            slot: None,
+        };
+        upstream.set_active(true);
+        Ok(upstream)
+    }
+
+    /// Replaces a kept-alive connection the backend closed with a new one to the same backend,
+    /// keeping its slot.
+    pub async fn reconnect(&mut self, ctx: &ProxyContext) -> io::Result<()> {
+        self.stream = open(self.addr, ctx.settings.connect_timeout).await?;
+        set_keepalive(&self.stream, ctx.settings.tcp_keepalive);
+        self.buf.clear();
+        self.reused = false;
+        Ok(())
     }
 
     /// Whether a kept-alive connection still looks usable: a backend that closed it reads as
@@ -141,12 +262,64 @@ impl Upstream {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
+
+    /// Going idle into the pool (false) or back to work (true).
+    pub fn set_active(&mut self, active: bool) {
+        if active != self.active {
+            self.active = active;
+            if active {
+                self.stats
+                    .active_connections
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats
+                    .active_connections
+                    .fetch_sub(1, Ordering::Relaxed);
+                self.slot = None;
+            }
+        }
+    }
+}
+
+async fn open(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(stream) => stream?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {timeout:?}"),
+            ));
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.stats
-            .active_connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.set_active(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tried_set() {
+        let mut tried = Tried::default();
+        tried.push(3);
+        tried.push(3);
+        tried.push(1);
+        assert_eq!(tried.as_slice(), &[3, 1]);
+        let mut busy = Tried::default();
+        busy.push(2);
+        assert_eq!(tried.with(&busy).as_slice(), &[3, 1, 2]);
+        tried.remove(3);
+        assert_eq!(tried.as_slice(), &[1]);
+        for i in 0..20 {
+            tried.push(i);
+        }
+        assert!(tried.is_full());
     }
 }

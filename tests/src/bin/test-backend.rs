@@ -17,9 +17,16 @@
 //! | `GET /bytes?n=N[&chunked=1]` | N bytes, byte i = i % 251 |
 //! | `POST\|PUT /echo` | the request body |
 //! | `POST\|PUT /sha256` | `<len> <hex sha256>` of the request body |
-//! | `GET /stats` | one `key=<n>` line each, in this order: `requests` (this request included), `tcp_connections`, `tcp_bytes`, `http_connections`, `greeter_bytes`, `resets` |
+//! | `GET /stats` | one `key=<n>` line each, in this order: `requests` (this request included), `tcp_connections`, `tcp_bytes`, `http_connections`, `greeter_bytes`, `resets`, `booms`, `stalls_closed` |
 //! | `GET /headers` | the request head exactly as received |
+//! | `GET /boom` | reads the request, then closes the connection without answering (`booms` in `/stats`) |
+//! | `GET /stall?bytes=N` | a head announcing 2N bytes, N of them, then nothing until the peer closes (`stalls_closed` in `/stats` counts those ends) |
 //! | `GET /ws` + WebSocket upgrade | 101, then a frame echo (below); 400 without a valid upgrade |
+//!
+//! Environment switches for failure tests: `BACKEND_FAIL=close` answers every request like
+//! `/boom`; `BACKEND_KEEPALIVE=off` answers every request with `Connection: close`;
+//! `BACKEND_KEEPALIVE_MS=N` closes a kept-alive connection idle for N ms between requests
+//! (servers do, on their own schedule).
 //!
 //! Routing looks at the path only: the method matters just for HEAD, which gets the headers of
 //! the matching GET. Design: one std thread per connection, no async runtime, so the code reads
@@ -118,6 +125,32 @@ static GREETER_BYTES: AtomicU64 = AtomicU64::new(0);
 static RESETS: AtomicU64 = AtomicU64::new(0);
 /// Open connections, on both listeners; shutdown waits for this to reach zero.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+/// Requests answered by closing the connection (`/boom`, `BACKEND_FAIL=close`), for `/stats`.
+static BOOMS: AtomicU64 = AtomicU64::new(0);
+/// `/stall` responses that ended because the peer closed the connection, for `/stats`.
+static STALLS_CLOSED: AtomicU64 = AtomicU64::new(0);
+
+/// The environment switches (see the module header), read once.
+struct Behaviour {
+    fail_close: bool,
+    keep_alive: bool,
+    keep_alive_idle: Option<Duration>,
+}
+
+fn behaviour() -> &'static Behaviour {
+    static BEHAVIOUR: OnceLock<Behaviour> = OnceLock::new();
+    BEHAVIOUR.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).unwrap_or_default();
+        Behaviour {
+            fail_close: var("BACKEND_FAIL") == "close",
+            keep_alive: var("BACKEND_KEEPALIVE") != "off",
+            keep_alive_idle: var("BACKEND_KEEPALIVE_MS")
+                .parse()
+                .ok()
+                .map(Duration::from_millis),
+        }
+    })
+}
 
 fn main() -> ExitCode {
     let config = match parse_args(std::env::args().skip(1)) {
@@ -688,6 +721,13 @@ impl Input {
                     if between_requests && SHUTDOWN.load(Ordering::SeqCst) {
                         break Ok(0);
                     }
+                    if between_requests
+                        && behaviour()
+                            .keep_alive_idle
+                            .is_some_and(|idle| self.last_progress.elapsed() >= idle)
+                    {
+                        break Ok(0);
+                    }
                     if self.last_progress.elapsed() >= IDLE_TIMEOUT {
                         break Err(Abort::Drop);
                     }
@@ -974,6 +1014,14 @@ impl Conn {
     /// Answers one request; `Ok(true)` keeps the connection open for the next.
     fn respond(&mut self, request: &Request) -> Result<bool, Abort> {
         REQUESTS.fetch_add(1, Ordering::SeqCst);
+        if request.path == "/boom" || behaviour().fail_close {
+            self.input.read_body(request.framing, &mut |_| Ok(()))?;
+            BOOMS.fetch_add(1, Ordering::SeqCst);
+            return Err(Abort::Drop);
+        }
+        if request.path == "/stall" {
+            return self.stall(request);
+        }
         if request.expect_continue && request.framing != Framing::Empty && !request.http10 {
             // Without this, curl (and others) sit out a timeout before sending a large body.
             self.out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
@@ -1011,6 +1059,35 @@ impl Conn {
             },
             _ => greeting(self.name),
         })
+    }
+
+    /// A head announcing twice the bytes that follow, then silence until the peer closes (or
+    /// the idle timeout).
+    fn stall(&mut self, request: &Request) -> Result<bool, Abort> {
+        self.input.read_body(request.framing, &mut |_| Ok(()))?;
+        let n = number_param(&request.query, "bytes").unwrap_or(1024);
+        let head = response_head(200, self.name, BINARY, Some(2 * n), None);
+        self.out.write_all(head.as_bytes())?;
+        write_pattern(&mut self.out, n, false)?;
+        self.out.flush()?;
+        loop {
+            match self.input.fill(false) {
+                // Whatever the peer sends now is ignored; only its close matters.
+                Ok(true) => self.input.buf.clear(),
+                Ok(false) => {
+                    STALLS_CLOSED.fetch_add(1, Ordering::SeqCst);
+                    return Err(Abort::Drop);
+                }
+                Err(abort) => {
+                    if matches!(abort, Abort::Drop)
+                        && self.input.last_progress.elapsed() < IDLE_TIMEOUT
+                    {
+                        STALLS_CLOSED.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return Err(abort);
+                }
+            }
+        }
     }
 
     fn echo(&mut self, request: &Request) -> Result<Response, Abort> {
@@ -1053,7 +1130,8 @@ impl Conn {
     fn send(&mut self, request: &Request, response: Response) -> Result<bool, Abort> {
         // Checked here, at the last moment, so a request caught by shutdown still gets its
         // answer but is told that the connection ends.
-        let keep_alive = request.keep_alive && !SHUTDOWN.load(Ordering::SeqCst);
+        let keep_alive =
+            request.keep_alive && !SHUTDOWN.load(Ordering::SeqCst) && behaviour().keep_alive;
         let connection = match (keep_alive, request.http10) {
             (false, _) => Some("close"),
             (true, true) => Some("keep-alive"),
@@ -1244,13 +1322,15 @@ fn stats() -> Response {
         200,
         format!(
             "requests={}\ntcp_connections={}\ntcp_bytes={}\n\
-             http_connections={}\ngreeter_bytes={}\nresets={}\n",
+             http_connections={}\ngreeter_bytes={}\nresets={}\nbooms={}\nstalls_closed={}\n",
             REQUESTS.load(Ordering::SeqCst),
             TCP_CONNECTIONS.load(Ordering::SeqCst),
             TCP_BYTES.load(Ordering::SeqCst),
             HTTP_CONNECTIONS.load(Ordering::SeqCst),
             GREETER_BYTES.load(Ordering::SeqCst),
             RESETS.load(Ordering::SeqCst),
+            BOOMS.load(Ordering::SeqCst),
+            STALLS_CLOSED.load(Ordering::SeqCst),
         ),
     )
 }
@@ -2265,7 +2345,9 @@ mod tests {
                 "tcp_bytes",
                 "http_connections",
                 "greeter_bytes",
-                "resets"
+                "resets",
+                "booms",
+                "stalls_closed"
             ]
         );
         assert_eq!(stats[3].1, before + 1, "{body}");
