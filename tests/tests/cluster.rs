@@ -66,7 +66,9 @@ fn agent_runs_one_task_per_node() {
 
 #[test]
 fn overlay_carries_a_client_on_one_node_to_a_backend_task_on_another() {
-    let Some(cluster) = Cluster::require("overlay_carries_a_client_to_another_node") else {
+    let Some(cluster) =
+        Cluster::require("overlay_carries_a_client_on_one_node_to_a_backend_task_on_another")
+    else {
         return;
     };
     assert!(
