@@ -12,6 +12,7 @@ mod images;
 mod node;
 mod plan;
 mod swarm;
+mod teardown;
 
 use std::{
     fs,
@@ -122,11 +123,11 @@ pub fn down() -> anyhow::Result<()> {
 }
 
 fn remove_all() -> anyhow::Result<()> {
-    let namespaces = node::existing_netns();
-    node::kill_all(&namespaces)?;
-    node::remove_cgroups()?;
-    node::remove_network(&namespaces)?;
-    node::remove_dirs()
+    let namespaces = teardown::existing_netns();
+    teardown::kill_all(&namespaces)?;
+    teardown::remove_cgroups()?;
+    teardown::remove_network(&namespaces)?;
+    teardown::remove_dirs()
 }
 
 /// One `up` or `down` at a time on the machine: worktrees share the one cluster, and two test
@@ -152,7 +153,7 @@ fn ensure_root() -> anyhow::Result<()> {
 }
 
 fn leftovers_exist() -> bool {
-    !node::existing_netns().is_empty()
+    !teardown::existing_netns().is_empty()
         || Path::new(plan::RUN_DIR).exists()
         || Path::new(plan::VAR_DIR).exists()
         || Path::new("/sys/class/net").join(plan::BRIDGE).exists()
