@@ -5,6 +5,7 @@
 //! than fixed sleeps.
 pub mod agent;
 pub mod client;
+pub mod cluster;
 pub mod docker;
 pub mod netns;
 

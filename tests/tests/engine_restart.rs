@@ -19,8 +19,9 @@ struct EngineCommand {
     env: Vec<(String, String)>,
 }
 
-/// The one live dockerd. A stopped dockerd whose parent has not reaped it yet lingers as a
-/// zombie under the same name; it is not running, so it does not count.
+/// The one live dockerd of this host. A stopped dockerd whose parent has not reaped it yet
+/// lingers as a zombie under the same name; it is not running, so it does not count. Nor do the
+/// engines of `cargo xtask cluster up`'s nodes, each in a network namespace of its own.
 fn dockerd_pid() -> i32 {
     let out = Command::new("pidof")
         .arg("dockerd")
@@ -29,7 +30,7 @@ fn dockerd_pid() -> i32 {
     let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .map(|pid| pid.parse().expect("pid"))
-        .filter(|&pid| is_running(pid))
+        .filter(|&pid| is_running(pid) && in_our_netns(pid))
         .collect();
     assert_eq!(pids.len(), 1, "exactly one dockerd runs: {pids:?}");
     pids[0]
@@ -45,6 +46,11 @@ fn is_running(pid: i32) -> bool {
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, None | Some("Z" | "X"))
+}
+
+fn in_our_netns(pid: i32) -> bool {
+    let ours = std::fs::read_link("/proc/self/ns/net").expect("our network namespace");
+    std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns == ours)
 }
 
 fn read_nul_separated(path: &str) -> Vec<String> {

@@ -67,6 +67,7 @@ pub fn test_backend() -> anyhow::Result<PathBuf> {
 /// them quiet. Extra arguments are passed to the test harness (a name filter, `--nocapture`).
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let agent = agent()?;
+    bring_up_cluster();
     let mut args = vec!["test", "--release", "--", "--test-threads=1"];
     args.extend(extra.iter().map(String::as_str));
     let status = Command::new("cargo")
@@ -79,6 +80,30 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("tests failed ({status})");
     }
     Ok(())
+}
+
+/// The cluster tests need the Swarm (`cargo xtask cluster up`, which keeps one that is up).
+/// It runs as a child under `timeout` so that a hung engine cannot hold the suite; if it fails,
+/// the cluster tests fail saying so (or skip, on a machine that cannot host a cluster), and the
+/// rest of the suite still runs.
+fn bring_up_cluster() {
+    const LIMIT_SECONDS: &str = "300";
+    let up = std::env::current_exe().map(|xtask| {
+        Command::new("timeout")
+            .args(["--kill-after=10", LIMIT_SECONDS])
+            .arg(xtask)
+            .args(["cluster", "up"])
+            .current_dir(cmd::workspace_root())
+            .status()
+    });
+    match up {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => eprintln!(
+            "test: `cargo xtask cluster up` failed ({status}; 124 = over {LIMIT_SECONDS} s): the \
+             cluster tests will fail"
+        ),
+        Ok(Err(e)) | Err(e) => eprintln!("test: could not run `cargo xtask cluster up`: {e}"),
+    }
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {

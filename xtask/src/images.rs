@@ -24,6 +24,8 @@ pub const NGINX: &str = "router-local/nginx";
 pub const CURL: &str = "router-local/curl";
 /// The end-to-end tests' backend (`tests/src/bin/test-backend.rs`) on port 80.
 pub const BACKEND: &str = "router-local/backend";
+/// The agent as users deploy it (`deploy/compose.yml`, `deploy/stack.yml`).
+pub const AGENT: &str = "router-agent:latest";
 
 const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "cat", "echo", "ls", "sleep", "test", "touch", "rm", "mkdir", "wget", "nc", "hostname",
@@ -140,6 +142,22 @@ fn build_backend(binary: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// `cargo xtask image`: the release agent binary and its libraries; tini as PID 1 passes
+/// SIGTERM on, and busybox gives `docker exec` a shell to look around with.
+pub fn ensure_agent(binary: &Path) -> anyhow::Result<()> {
+    let mut fs = Rootfs::new("agent")?;
+    fs.add_binary_at(binary, "usr/local/bin/router-agent")?;
+    // The release profile keeps line tables (for profiles): most of the binary's 50 MiB, and
+    // the image travels to every cluster node by `docker save | docker load`.
+    fs.strip_debug("usr/local/bin/router-agent")?;
+    fs.add_users()?;
+    fs.import(
+        AGENT,
+        &["/usr/bin/tini-static", "--", "/usr/local/bin/router-agent"],
+        &[],
+    )
+}
+
 /// A root filesystem being assembled under `target/images/<name>`.
 struct Rootfs {
     dir: PathBuf,
@@ -199,6 +217,16 @@ impl Rootfs {
         self.write(dest, &bytes)?;
         fs::set_permissions(self.dir.join(dest), fs::Permissions::from_mode(0o755))?;
         Ok(())
+    }
+
+    /// Removes debug sections from a copied binary (the fingerprint still covers the original).
+    fn strip_debug(&self, dest: &str) -> anyhow::Result<()> {
+        let path = self.dir.join(dest);
+        cmd::run(
+            "strip",
+            &["--strip-debug", path.to_str().context("non-UTF-8 path")?],
+        )
+        .context("stripping the binary for its image failed; is binutils installed?")
     }
 
     fn add_file(&mut self, dest: &str, contents: &str) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 //! it installs what is missing and does nothing when all is present.
 mod bench;
 mod build;
+mod cluster;
 mod cmd;
 mod demo;
 mod dockerd;
@@ -34,7 +35,17 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         seconds: u64,
     },
-    /// Run every test: unit tests and the end-to-end suite against the real dockerd.
+    /// Build the agent's container image, router-agent:latest, from the release binary (what
+    /// deploy/compose.yml and deploy/stack.yml run).
+    Image,
+    /// A real multi-node Docker Swarm on this machine: dockerd nodes in network namespaces,
+    /// running the agent stack.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Run every test: unit tests and the end-to-end suite against the real dockerd (and the
+    /// cluster, which it brings up).
     Test {
         /// Extra arguments for the test harness (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -85,6 +96,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start the nodes, form the Swarm, load the local images, deploy the agent stack, and
+    /// print `node<i> DOCKER_HOST=.. NETNS=.. ADDR=..` per node. Idempotent.
+    Up {
+        /// How many nodes (1 to 8). Default: those of the cluster that is up, else 3.
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// How many of the nodes are Swarm managers, the others being workers. Default: those
+        /// of the cluster that is up, else 1.
+        #[arg(long)]
+        managers: Option<usize>,
+    },
+    /// Remove everything `up` made: engines, containers, namespaces, bridge, firewall rule, state.
+    Down,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
@@ -93,6 +121,20 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             demo::run(seconds)
         }
+        Command::Image => {
+            setup::run()?;
+            images::ensure_agent(&build::agent()?)
+        }
+        Command::Cluster {
+            action: ClusterAction::Up { nodes, managers },
+        } => {
+            setup::run()?;
+            images::ensure_agent(&build::agent()?)?;
+            cluster::up(&cluster::Options { nodes, managers })
+        }
+        Command::Cluster {
+            action: ClusterAction::Down,
+        } => cluster::down(),
         Command::Test { args } => {
             setup::run()?;
             build::test(&args)
