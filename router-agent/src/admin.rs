@@ -81,7 +81,14 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
     };
     let (status, content_type, body) = match path.as_deref() {
         Some("/api/routes") => (200, "application/json", routes_json(state)),
-        Some("/api/containers") => (200, "application/json", containers_json(state)),
+        Some("/api/containers") => match containers_json(state).await {
+            Some(json) => (200, "application/json", json),
+            None => (
+                503,
+                "application/json",
+                json!({"error": "the registry did not answer; the agent is stopping"}).to_string(),
+            ),
+        },
         Some("/healthz") => healthz(state),
         Some("/metrics") => (
             200,
@@ -202,13 +209,25 @@ fn route_json<'a>(route: &'a Route, pool: &Pool) -> RouteJson<'a> {
     }
 }
 
-fn containers_json(state: &AdminState) -> String {
-    json!({
-        "engine_connected": state.published().engine_connected.load(Ordering::Relaxed),
-        "internal_cidrs": &**state.published().internal_cidrs.load(),
-        "containers": &**state.published().containers.load(),
-    })
-    .to_string()
+async fn containers_json(state: &AdminState) -> Option<String> {
+    let (reply, views) = tokio::sync::oneshot::channel();
+    state
+        .proxy
+        .registry
+        .send(crate::registry::Message::ViewContainers(reply))
+        .ok()?;
+    let containers = tokio::time::timeout(Duration::from_secs(5), views)
+        .await
+        .ok()?
+        .ok()?;
+    Some(
+        json!({
+            "engine_connected": state.published().engine_connected.load(Ordering::Relaxed),
+            "internal_cidrs": &**state.published().internal_cidrs.load(),
+            "containers": containers,
+        })
+        .to_string(),
+    )
 }
 
 /// 200 while the agent serves normally; 503 while it is starting (before its first Docker

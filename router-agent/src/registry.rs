@@ -55,6 +55,9 @@ pub enum Message {
         id: String,
         generation: u64,
     },
+    /// The admin API asks for every container's view (built on demand: histories change with
+    /// every failed check, and publishing them each time would cost a copy of all of them).
+    ViewContainers(tokio::sync::oneshot::Sender<Vec<ContainerView>>),
 }
 
 /// What the registry publishes for readers (proxy, admin API).
@@ -62,7 +65,6 @@ pub struct Published {
     pub table: ArcSwap<RoutingTable>,
     /// Bumped after every new table, for those who act on changes (the connection pool).
     pub table_version: tokio::sync::watch::Sender<u64>,
-    pub containers: ArcSwap<Vec<ContainerView>>,
     pub internal_cidrs: ArcSwap<Vec<Cidr>>,
     pub engine_connected: AtomicBool,
     /// True once the first Docker sync is done and the first checks of the containers found
@@ -75,7 +77,6 @@ impl Published {
         Self {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             table_version: tokio::sync::watch::Sender::new(0),
-            containers: ArcSwap::from_pointee(Vec::new()),
             internal_cidrs: ArcSwap::from_pointee(
                 fixed_cidrs.map_or_else(|| Cidr::loopback().to_vec(), <[Cidr]>::to_vec),
             ),
@@ -255,6 +256,10 @@ impl Registry {
                 entry.checker = None;
                 entry.remember("accepts connections again".into());
             }),
+            Message::ViewContainers(reply) => {
+                let _ = reply.send(self.views());
+                false
+            }
         }
     }
 
@@ -317,6 +322,7 @@ impl Registry {
                         .map(|(id, _)| id.clone())
                         .collect();
                     self.startup = Startup::FirstChecks(due);
+                    // Ready at once when nothing is due.
                     self.first_check_reported("");
                 }
                 // Published even when nothing changed: readers wait for the first table.
@@ -448,6 +454,8 @@ impl Registry {
     }
 
     fn remove(&mut self, id: &str, why: &str) -> bool {
+        // A container gone before its first check does not hold readiness back.
+        self.first_check_reported(id);
         let Some(entry) = self.containers.remove(id) else {
             return false;
         };
@@ -581,11 +589,9 @@ impl Registry {
         }
         let live: HashSet<&RouteKey> = routes.keys().collect();
         self.cursors.retain(|k, _| live.contains(k));
-        let views = sorted.iter().map(|e| view(e)).collect();
         self.published.table.store(Arc::new(RoutingTable::build(
             routes.into_values().collect(),
         )));
-        self.published.containers.store(Arc::new(views));
         self.published.table_version.send_modify(|v| *v += 1);
     }
 }
@@ -598,6 +604,15 @@ fn route_key(route: &RouteSpec) -> RouteKey {
             domain: route.domain.clone(),
             path: route.path.clone(),
         },
+    }
+}
+
+impl Registry {
+    /// Every container as the admin API shows it, sorted by name.
+    fn views(&self) -> Vec<ContainerView> {
+        let mut sorted: Vec<&Entry> = self.containers.values().collect();
+        sorted.sort_by(|a, b| (&a.info.name, &a.info.id).cmp(&(&b.info.name, &b.info.id)));
+        sorted.into_iter().map(view).collect()
     }
 }
 

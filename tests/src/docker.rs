@@ -2,7 +2,23 @@
 use std::{net::SocketAddr, process::Command};
 
 /// Images built by `cargo xtask setup`.
-pub const BACKEND_IMAGE: &str = "router-local/backend";
+pub const BACKEND_IMAGE_NAME: &str = "router-local/backend";
+
+/// The test backend image built from this checkout: `cargo xtask setup` tags it with a
+/// fingerprint of its contents and writes that tag to `target/images/backend.tag`, so that
+/// checkouts sharing one engine each test their own backend. Falls back to the plain name.
+pub fn backend_image() -> &'static str {
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let tag =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images/backend.tag");
+        std::fs::read_to_string(tag)
+            .map(|t| t.trim().to_owned())
+            .ok()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| BACKEND_IMAGE_NAME.to_owned())
+    })
+}
 pub const NGINX_IMAGE: &str = "router-local/nginx";
 pub const CURL_IMAGE: &str = "router-local/curl";
 
@@ -70,7 +86,7 @@ impl Container {
         for var in env {
             rest.extend_from_slice(&["-e", var]);
         }
-        rest.push(BACKEND_IMAGE);
+        rest.push(backend_image());
         let container = Self::run(name, &with_labels(labels, &rest));
         let addr = container.http_addr();
         crate::wait_for(

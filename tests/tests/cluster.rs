@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tests::{
     cluster::{self, Cluster, Overlay, Service},
-    docker::{BACKEND_IMAGE, CURL_IMAGE},
+    docker::{BACKEND_IMAGE_NAME, CURL_IMAGE},
     unique, wait_for,
 };
 
@@ -80,7 +80,13 @@ fn overlay_carries_a_client_on_one_node_to_a_backend_task_on_another() {
     let backend = Service::create(
         manager,
         &unique("backend"),
-        &["--replicas", "2", "--network", &network.name, BACKEND_IMAGE],
+        &[
+            "--replicas",
+            "2",
+            "--network",
+            &network.name,
+            BACKEND_IMAGE_NAME,
+        ],
     );
     cluster::wait_running_tasks(&cluster, &backend.name, 2, Duration::from_secs(30));
     let tasks = cluster.running_tasks(&backend.name);

@@ -6,7 +6,7 @@ use std::{collections::HashSet, net::SocketAddr, time::Duration};
 use tests::{
     agent::Agent,
     client,
-    docker::{BACKEND_IMAGE, Container, docker, with_labels},
+    docker::{Container, backend_image, docker, with_labels},
     unique, wait_for,
 };
 
@@ -120,7 +120,7 @@ fn docker_healthcheck_status_is_honoured() {
                     "1s",
                     "--health-retries",
                     "1",
-                    BACKEND_IMAGE,
+                    backend_image(),
                 ],
             ),
         )

@@ -11,7 +11,7 @@ use std::{
 use tests::{
     agent::Agent,
     client::{self, KeepAlive},
-    docker::{BACKEND_IMAGE, Container, with_labels},
+    docker::{Container, backend_image, with_labels},
     unique, wait_for,
 };
 
@@ -190,7 +190,7 @@ fn backend_response_timeout_is_504_and_an_invalid_head_is_502() {
         &with_labels(
             &[&label],
             &[
-                BACKEND_IMAGE,
+                backend_image(),
                 "sh",
                 "-c",
                 "while true; do printf 'HTTP/1.1 2OO NOT OK\\r\\n\\r\\n' | nc -l -p 8080; done",

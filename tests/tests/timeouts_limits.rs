@@ -13,7 +13,7 @@ use std::{
 use tests::{
     agent::{Agent, free_port},
     client::{self, KeepAlive},
-    docker::{BACKEND_IMAGE, Container, docker, with_labels},
+    docker::{Container, backend_image, docker, with_labels},
     unique, wait_for,
 };
 
@@ -171,15 +171,16 @@ fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
 
     // Busy: a byte each 300 ms for 2.5 s stays open.
     let mut busy = connect(addr);
+    let mut quiet_from = Instant::now();
     for i in 0..8u8 {
+        thread::sleep(Duration::from_millis(300));
         busy.write_all(&[i]).expect("write");
         let mut echo = [0u8; 1];
         busy.read_exact(&mut echo).expect("echo");
         assert_eq!(echo[0], i);
-        thread::sleep(Duration::from_millis(300));
+        quiet_from = Instant::now();
     }
-    // Idle: closed after the tunnel idle timeout.
-    let quiet_from = Instant::now();
+    // Idle from the last echo: closed after the tunnel idle timeout.
     let (_, closed_at) = read_to_close(&mut busy);
     let idle = closed_at - quiet_from;
     println!("idle tunnel closed after {idle:?}");
@@ -298,7 +299,7 @@ fn an_exec_probe_that_times_out_is_killed() {
         "aliyun.probe.period_seconds=1".to_owned(),
     ];
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-    let container = Container::run(&name, &with_labels(&labels, &[BACKEND_IMAGE]));
+    let container = Container::run(&name, &with_labels(&labels, &[backend_image()]));
     let timeouts = || {
         agent
             .container(&container.id)

@@ -256,11 +256,25 @@ impl Rootfs {
     }
 
     /// Imports the tree as `name:latest` unless an image with the same fingerprint exists.
+    /// Imports the image as `name` (`latest`) and as `name:<fingerprint>`, the tag that names
+    /// these exact contents (several checkouts on one engine each test with their own), unless
+    /// `name` already has these contents.
     fn import(self, name: &str, entrypoint: &[&str], command: &[&str]) -> anyhow::Result<()> {
         let mut hasher = self.hasher;
         entrypoint.hash(&mut hasher);
         command.hash(&mut hasher);
         let fingerprint = format!("{:016x}", hasher.finish());
+        let repository = name.split(':').next().unwrap_or(name);
+        let pinned = format!("{repository}:{fingerprint}");
+        let tag_file = cmd::workspace_root().join("target/images").join(format!(
+            "{}.tag",
+            repository.rsplit('/').next().unwrap_or(repository)
+        ));
+        fs::write(&tag_file, &pinned).with_context(|| format!("writing {}", tag_file.display()))?;
+        if cmd::succeeds(cmd::docker(), &["image", "inspect", &pinned]) {
+            // Built before (maybe by another checkout): point `latest` at it again.
+            return cmd::run(cmd::docker(), &["tag", &pinned, name]);
+        }
         let existing = cmd::output(
             cmd::docker(),
             &[
@@ -273,7 +287,7 @@ impl Rootfs {
         )
         .unwrap_or_default();
         if existing == fingerprint {
-            return Ok(());
+            return cmd::run(cmd::docker(), &["tag", name, &pinned]);
         }
         println!("setup: building image {name}");
         let tar = Command::new("tar")
@@ -305,7 +319,7 @@ impl Rootfs {
         if !status.success() {
             bail!("docker import of {name} failed ({status})");
         }
-        Ok(())
+        cmd::run(cmd::docker(), &["tag", name, &pinned])
     }
 }
 

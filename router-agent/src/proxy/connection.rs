@@ -278,10 +278,11 @@ impl Connection {
         // can then go out again. A body that streams from the client cannot, so it never rides
         // a pooled connection the backend may have closed meanwhile.
         let replayable = request_body == BodyFraming::None;
-        let reuse = if replayable {
-            Reuse::Pooled
-        } else {
-            Reuse::Fresh
+        let idempotent = head.method.is_idempotent();
+        let reuse = match (replayable, idempotent) {
+            (true, true) => Reuse::Pooled,
+            (true, false) => Reuse::Checked,
+            (false, _) => Reuse::Fresh,
         };
         let mut tried = Tried::default();
         // What to answer if no backend is left after a failed exchange.
@@ -308,8 +309,9 @@ impl Connection {
                 .attempt(head, request_body, &mut upstream, set_sticky, ctx)
                 .await;
             // A kept-alive connection the backend had closed says nothing about the backend or
-            // the request: the same backend again, on a new connection.
-            if matches!(outcome, Attempt::Lost(_)) && upstream.reused {
+            // the request: the same backend again, on a new connection. (Only for idempotent
+            // requests: the backend may also have closed because of the request itself.)
+            if matches!(outcome, Attempt::Lost(_)) && upstream.reused && idempotent {
                 Metrics::add(&metrics.stale_reconnects, 1);
                 match upstream.reconnect(ctx).await {
                     Ok(()) => {
@@ -345,11 +347,7 @@ impl Connection {
                     // Sent again at most once, to another backend, and only when repeating it
                     // is harmless and the session is not pinned: a request that makes backends
                     // close without answering must not go round every replica.
-                    if replayable
-                        && head.method.is_idempotent()
-                        && !selection.by_cookie
-                        && !resent_elsewhere
-                    {
+                    if replayable && idempotent && !selection.by_cookie && !resent_elsewhere {
                         resent_elsewhere = true;
                         failed_with = Some(502);
                         continue;

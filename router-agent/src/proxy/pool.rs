@@ -53,7 +53,8 @@ impl Pool {
     }
 
     /// An idle connection to this backend that still looks open, most recently used first.
-    pub fn take(&self, backend: &Backend) -> Option<Upstream> {
+    /// With `check`, even a connection used moments ago is asked whether it is still open.
+    pub fn take(&self, backend: &Backend, check: bool) -> Option<Upstream> {
         let mut idle = self.lock();
         let list = idle.get_mut(&backend.addr)?;
         while let Some((mut upstream, since)) = list.pop() {
@@ -61,7 +62,7 @@ impl Pool {
             if upstream.container_id != backend.container_id || idle_for >= MAX_IDLE_TIME {
                 continue;
             }
-            if idle_for < FRESH || upstream.is_idle_and_open() {
+            if (idle_for < FRESH && !check) || upstream.is_idle_and_open() {
                 upstream.set_active(true);
                 return Some(upstream);
             }

@@ -3,6 +3,7 @@
 use std::{
     io,
     net::SocketAddr,
+    os::fd::AsRawFd as _,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -20,9 +21,12 @@ use crate::{
 /// Whether an idle pooled HTTP connection may serve the request.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Reuse {
-    /// The request can be sent again if a kept-alive connection turns out closed: take a pooled
-    /// connection if there is one.
+    /// Idempotent requests, which are sent again on a new connection if a kept-alive one turns
+    /// out closed: take a pooled connection, trusting one used moments ago without a check.
     Pooled,
+    /// Other requests, which must not be sent twice: a pooled connection only after the socket
+    /// itself says that the backend has not closed it.
+    Checked,
     /// Tunnels, and requests whose body streams from the client: a connection of their own.
     Fresh,
 }
@@ -89,8 +93,8 @@ pub async fn connect_next(
         }
         tried.push(selection.index);
         let backend = &route.backends[selection.index];
-        if reuse == Reuse::Pooled
-            && let Some(mut upstream) = ctx.pool.take(backend)
+        if reuse != Reuse::Fresh
+            && let Some(mut upstream) = ctx.pool.take(backend, reuse == Reuse::Checked)
         {
             upstream.slot = slot;
             return Ok((selection, upstream));
@@ -257,10 +261,20 @@ impl Upstream {
     }
 
     /// Whether a kept-alive connection still looks usable: a backend that closed it reads as
-    /// EOF (or sent something unasked) without blocking.
+    /// EOF (or sent something unasked). Asks the socket itself (a peek that never blocks), not
+    /// the runtime's readiness cache, which learns of a close only when its reactor turns.
     pub fn is_idle_and_open(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        // SAFETY: recv into a one-byte buffer we own; MSG_PEEK leaves any byte in the socket.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                probe.as_mut_ptr().cast(),
+                probe.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 
     /// Going idle into the pool (false) or back to work (true).
