@@ -43,6 +43,8 @@ pub struct BodyPath<'a> {
     pub splice: Option<(&'a PipePool, u64)>,
     pub copied: &'a AtomicU64,
     pub spliced: &'a AtomicU64,
+    /// Bound on a chunked body's trailer section (`max_head_bytes`).
+    pub max_trailer_bytes: usize,
 }
 
 impl BodyPath<'_> {
@@ -146,7 +148,7 @@ where
     R: AsyncRead + Socket + Unpin,
     W: AsyncWrite + Socket + Unpin,
 {
-    let mut scanner = ChunkedScanner::default();
+    let mut scanner = ChunkedScanner::new(path.max_trailer_bytes);
     let mut spliced = false;
     loop {
         if buf.is_empty() {
@@ -256,6 +258,7 @@ mod tests {
             splice: None,
             copied: &copied,
             spliced: &spliced,
+            max_trailer_bytes: crate::http::DEFAULT_MAX_HEAD,
         };
         let result = relay(framing, &mut src, &mut buf, &mut out, &path).await;
         (result, out, buf.to_vec())
