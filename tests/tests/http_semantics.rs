@@ -618,7 +618,8 @@ fn expect_100_continue_in_http10_is_ignored_and_not_forwarded() {
 /// When the router answers a request that carries `Expect: 100-continue` itself, it answers at
 /// once, without waiting for the body the client holds back, and closes: 404 (unknown host),
 /// 503 (no backend takes new traffic), 417 (another expectation too), 400 (impossible port).
-/// Nothing of the body is sent, so a router that waited for it would time out the client.
+/// Nothing of the body is sent, so a router that waited for it would time out the client. A
+/// refusal is counted under its reason in `router_requests_rejected_total`.
 #[test]
 fn the_routers_own_answers_do_not_wait_for_an_expected_body() {
     let agent = Agent::start(&[]);
@@ -626,12 +627,22 @@ fn the_routers_own_answers_do_not_wait_for_an_expected_body() {
     let (no_traffic, _idle) = one_backend(&agent, "continue-zero", &["aliyun.routing.weight=0"]);
     let unknown = format!("{}.local", unique("continue-unknown"));
     let rows = [
-        (404, unknown, "100-continue"),
-        (503, no_traffic, "100-continue"),
-        (417, domain.clone(), "100-continue, something-else"),
-        (400, format!("{domain}:99999"), "100-continue"),
+        (404, unknown, "100-continue", None),
+        (503, no_traffic, "100-continue", None),
+        (
+            417,
+            domain.clone(),
+            "100-continue, something-else",
+            Some("unsupported expectation"),
+        ),
+        (
+            400,
+            format!("{domain}:99999"),
+            "100-continue",
+            Some("port above 65535 in Host"),
+        ),
     ];
-    for (status, host, expect) in &rows {
+    for (status, host, expect, reason) in &rows {
         let head = format!(
             "POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\nExpect: {expect}\r\n\r\n"
         );
@@ -651,5 +662,9 @@ fn the_routers_own_answers_do_not_wait_for_an_expected_body() {
             waited < Duration::from_secs(2),
             "{host}: answered after {waited:?}"
         );
+        if let Some(reason) = reason {
+            let series = format!("router_requests_rejected_total{{reason=\"{reason}\"}}");
+            assert_eq!(agent.metric(&series), Some(1), "{series}");
+        }
     }
 }
