@@ -127,17 +127,20 @@ pub fn parse(
     if transfer_encoding && content_length.is_some() {
         return Err(InvalidResponse("both Content-Length and Transfer-Encoding"));
     }
-    let body = if client.request_was_head || status == 204 || status == 304 || status < 200 {
-        BodyFraming::None
-    } else if transfer_encoding {
-        let chunked = check_transfer_codings(
+    let codings = transfer_encoding.then(|| {
+        check_transfer_codings(
             res.headers
                 .iter()
                 .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
                 .map(|h| h.value),
         )
-        .map_err(|_| InvalidResponse("invalid Transfer-Encoding"))?
-        .chunked;
+    });
+    let body = if client.request_was_head || status == 204 || status == 304 || status < 200 {
+        BodyFraming::None
+    } else if let Some(codings) = codings {
+        let chunked = codings
+            .map_err(|_| InvalidResponse("invalid Transfer-Encoding"))?
+            .chunked;
         if chunked {
             BodyFraming::Chunked
         } else {
@@ -160,13 +163,13 @@ pub fn parse(
 
     // What the client is told about the body: the router's reading, in one canonical field.
     // 1xx and 204 have no body and carry no framing (RFC 9110 section 8.6, RFC 9112 section
-    // 6.1); for HEAD and 304 the fields describe the representation and go on, normalised.
-    let framing = if status < 200 || status == 204 {
-        Framing::Omitted
-    } else if transfer_encoding {
-        Framing::Codings
-    } else {
-        content_length.map_or(Framing::Omitted, Framing::Length)
+    // 6.1); for HEAD and 304 the fields describe the representation and go on, normalised (a
+    // Transfer-Encoding the router could not read is dropped there; with a body it is a 502).
+    let framing = match codings {
+        _ if status < 200 || status == 204 => Framing::Omitted,
+        Some(Ok(_)) => Framing::Codings,
+        Some(Err(_)) => Framing::Omitted,
+        None => content_length.map_or(Framing::Omitted, Framing::Length),
     };
 
     let head = ResponseHead {
@@ -568,6 +571,22 @@ mod tests {
                 b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
                 &CLIENT,
                 &["Content-Length: 10"],
+            ),
+            // HEAD: a coding the router cannot read is not passed on.
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: foo, ,\r\n\r\n",
+                &head_request,
+                &[],
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\n\r\n",
+                &head_request,
+                &[],
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: ,Chunked\r\n\r\n",
+                &head_request,
+                &["Transfer-Encoding: chunked"],
             ),
             // No body, no framing: 204 and 1xx.
             (
