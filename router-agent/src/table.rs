@@ -225,14 +225,12 @@ pub fn is_internal_domain(domain: &str) -> bool {
 }
 
 /// Host header value -> lower-case domain without port or trailing dot. Allocates only for
-/// upper-case input.
+/// upper-case input. The port is split off by the request parser's own rule
+/// (`http::split_host_port`), so that a Host the parser refuses (`name:99999`, `name:`) is never
+/// routed either.
 fn normalize_host(host: &[u8]) -> Option<Cow<'_, str>> {
-    let host = std::str::from_utf8(host).ok()?.trim();
-    let without_port = match host.rfind(':') {
-        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
-        Some(_) => return None,
-        None => host,
-    };
+    let (host, _port) = crate::http::split_host_port(host.trim_ascii()).ok()?;
+    let without_port = std::str::from_utf8(host).ok()?;
     let domain = without_port.strip_suffix('.').unwrap_or(without_port);
     if domain.bytes().any(|b| b.is_ascii_uppercase()) {
         Some(Cow::Owned(domain.to_ascii_lowercase()))
@@ -324,6 +322,10 @@ mod tests {
             ("example.com", "/a", Some("pub")),
             ("other.local", "/", None),
             ("web.local:x", "/", None),
+            ("web.local:65535", "/", Some("root")),
+            ("web.local:99999", "/", None),
+            ("web.local:", "/", None),
+            ("web.local:80:80", "/", None),
             ("", "/", None),
         ];
         for (host, target, expected) in cases {

@@ -4,8 +4,10 @@
 //!
 //! The design's statuses: malformed request → 400; request line too long → 414; header section
 //! too large → 431 (limits: request line 8192 bytes, head 65536 bytes, 100 header fields);
-//! unknown transfer coding → 501; head not completed in time → 408. The connection is closed
-//! after every answer the router makes itself.
+//! unknown transfer coding, or a request coded with more than chunked → 501; an expectation
+//! other than `100-continue` → 417; head not completed in time → 408. Chunked bodies: a chunk
+//! size line over 4 KiB, or a trailer section over the head limit → 400. The connection is
+//! closed after every answer the router makes itself.
 //!
 //! For each row of the table, [`malformed_requests_are_refused_before_the_backend`] proves:
 //!
@@ -20,8 +22,9 @@
 //! Every request names the routed test domain in `Host` (where it has a valid one), so a router
 //! that let it through would deliver it to the backend, where check 3 sees it.
 //!
-//! Two more tests: [`incomplete_head_gets_408`] (a head that stops, and one that trickles) and
-//! [`client_closing_mid_body_never_completes_the_request`].
+//! Three more tests: [`incomplete_head_gets_408`] (a head that stops, and one that trickles),
+//! [`client_closing_mid_body_never_completes_the_request`] and
+//! [`trailers_are_bounded_by_the_head_limit`].
 use std::{
     fmt::Write as _,
     io::Write as _,
@@ -198,6 +201,16 @@ const HEAD_ROWS: &[Row] = &[
         status: 400,
     },
     Row {
+        // The router forwards only what it understood, exactly `Transfer-Encoding: chunked`;
+        // it does not decode gzip, and dropping it would change the body. "A server that
+        // receives a request message with a transfer coding it does not understand SHOULD
+        // respond with 501".
+        name: "RFC 9112 §6.1: gzip before chunked on a request",
+        request: "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+                  5\r\nhello\r\n0\r\n\r\n",
+        status: 501,
+    },
+    Row {
         // Transfer-Encoding = #transfer-coding: an empty list names no final chunked either.
         name: "RFC 9112 §6.3: empty Transfer-Encoding",
         request: "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: \r\n\r\nhello",
@@ -329,6 +342,35 @@ const HEAD_ROWS: &[Row] = &[
         request: "GET / HTTP/1.1\r\nHost: user@{host}\r\n\r\n",
         status: 400,
     },
+    // Host = uri-host [ ":" port ] (RFC 9110 §7.2), port = *DIGIT (RFC 3986 §3.2.3); a TCP
+    // port is at most 65535. A backend that read an impossible port otherwise (as no port, or
+    // modulo 65536) would see another authority than the router routed by: refused, like an
+    // empty port (issue 9, finding 7).
+    Row {
+        name: "RFC 9110 §7.2: Host port above 65535 (99999)",
+        request: "GET / HTTP/1.1\r\nHost: {host}:99999\r\n\r\n",
+        status: 400,
+    },
+    Row {
+        name: "RFC 9110 §7.2: Host port 65536",
+        request: "GET / HTTP/1.1\r\nHost: {host}:65536\r\n\r\n",
+        status: 400,
+    },
+    Row {
+        name: "RFC 9110 §7.2: Host with an empty port",
+        request: "GET / HTTP/1.1\r\nHost: {host}:\r\n\r\n",
+        status: 400,
+    },
+    Row {
+        name: "RFC 9110 §7.2: Host port not numeric (8o)",
+        request: "GET / HTTP/1.1\r\nHost: {host}:8o\r\n\r\n",
+        status: 400,
+    },
+    Row {
+        name: "RFC 9112 §3.2.2: absolute-form authority with port 99999",
+        request: "GET http://{host}:99999/ HTTP/1.1\r\nHost: {host}:99999\r\n\r\n",
+        status: 400,
+    },
     Row {
         // Empty is allowed only when the target URI has no authority (§3.2); a router must
         // have one to route by, so the design refuses it.
@@ -389,6 +431,21 @@ const HEAD_ROWS: &[Row] = &[
         name: "RFC 9110 §9.3.6: CONNECT",
         request: "CONNECT {host}:80 HTTP/1.1\r\nHost: {host}:80\r\n\r\n",
         status: 400,
+    },
+    // ---- Expect: RFC 9110 §10.1.1 ----
+    // "A server that receives an Expect field value containing a member other than
+    // 100-continue MAY respond with a 417 (Expectation Failed) status code to indicate that the
+    // unexpected expectation cannot be met." The design does.
+    Row {
+        name: "RFC 9110 §10.1.1: Expect other than 100-continue",
+        request: "GET / HTTP/1.1\r\nHost: {host}\r\nExpect: something-else\r\n\r\n",
+        status: 417,
+    },
+    Row {
+        name: "RFC 9110 §10.1.1: Expect lists 100-continue and another member",
+        request: "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
+                  Expect: 100-continue, something-else\r\n\r\nhello",
+        status: 417,
     },
     Row {
         name: "RFC 9112 §3.2: target in no form (foo)",
@@ -549,7 +606,45 @@ fn cases(host: &str) -> Vec<Case> {
         status: 400,
         refused: Refused::InBody,
     }));
+    cases.extend(oversized_body_rows(host));
     cases
+}
+
+/// Chunked bodies whose lines are too long (issue 9, finding 8): every line the router reads is
+/// bounded, so that a peer cannot stream an endless line through it into a backend's buffer.
+/// "A server ought to limit the total length of chunk extensions received in a request to an
+/// amount reasonable for the services provided, in the same way that it applies length
+/// limitations and timeouts for other parts of a message, and generate an appropriate 4xx
+/// (Client Error) response if that amount is exceeded" (RFC 9112 §7.1.1): 400.
+fn oversized_body_rows(host: &str) -> Vec<Case> {
+    let case = |name, body: String| Case {
+        name,
+        request: format!("{}{body}", chunked_head(host)).into_bytes(),
+        status: 400,
+        refused: Refused::InBody,
+    };
+    vec![
+        case(
+            "RFC 9112 §7.1.1: chunk extension of 100 KB (size line limit 4 KiB)",
+            format!("5;{}\r\nhello\r\n0\r\n\r\n", "a".repeat(100_000)),
+        ),
+        case(
+            "RFC 9112 §7.1: chunk size followed by 5000 spaces (size line limit 4 KiB)",
+            format!("5{}\r\nhello\r\n0\r\n\r\n", " ".repeat(5_000)),
+        ),
+        // Trailers are header fields that come late (§7.1.2): bounded like the head, 65536
+        // bytes, but answered 400 (431 names the request's header section).
+        case(
+            "RFC 9112 §7.1.2: trailer section of 70000 bytes (limit 65536)",
+            format!(
+                "5\r\nhello\r\n0\r\n{}\r\n",
+                (0..10).fold(String::new(), |mut fields, i| {
+                    let _ = write!(fields, "X-Trailer-{i}: {}\r\n", "t".repeat(7_000));
+                    fields
+                })
+            ),
+        ),
+    ]
 }
 
 /// One agent, one backend container routed at `host`, reachable directly at `direct`.
@@ -907,5 +1002,63 @@ fn client_closing_mid_body_never_completes_the_request() {
     assert!(
         !setup.canary_fired(),
         "the backend read a complete body that the client never sent"
+    );
+}
+
+/// RFC 9112 §7.1.2: trailer fields come after the body but are header fields all the same, so
+/// the trailer section (fields, line ends, the final empty line) is bounded by the head limit,
+/// `max_head_bytes` (8192 here, 65536 by default; the table above has a row at the default).
+/// Over it the router answers 400 (431 names the request's header section, which was fine) and
+/// the backend never reads the whole body; at the limit the request is served.
+#[test]
+fn trailers_are_bounded_by_the_head_limit() {
+    const MAX_HEAD: usize = 8192;
+    let config_dir = TempDir::new();
+    let config = config_dir.0.join("router.toml");
+    std::fs::write(&config, format!("max_head_bytes = {MAX_HEAD}\n")).expect("config file");
+    let setup = Setup::start(&["--config", config.to_str().expect("UTF-8 path")]);
+    // A trailer section of exactly `len` bytes: one field, then the empty line.
+    let trailers = |len: usize| {
+        let filler = len - "X-Trailer: \r\n\r\n".len();
+        format!("X-Trailer: {}\r\n\r\n", "t".repeat(filler))
+    };
+
+    let over = Case {
+        name: "RFC 9112 §7.1.2: trailer section of 12000 bytes, max_head_bytes 8192",
+        request: format!(
+            "{}5\r\nhello\r\n0\r\n{}",
+            chunked_head(&setup.host),
+            trailers(12_000)
+        )
+        .into_bytes(),
+        status: 400,
+        refused: Refused::InBody,
+    };
+    let (status, problems) = run_case(&setup, &over);
+    println!("{} -> {status:?}", over.name);
+    assert!(
+        problems.is_empty(),
+        "{}: {}",
+        over.name,
+        problems.join("; ")
+    );
+
+    let at_limit = format!(
+        "POST /sha256 HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\
+         \r\n5\r\nhello\r\n0\r\n{}",
+        setup.host,
+        trailers(MAX_HEAD)
+    );
+    let response =
+        client::exchange(setup.agent.http_addr(), at_limit.as_bytes()).expect("POST /sha256");
+    assert_eq!(
+        (response.status, response.backend()),
+        (200, Some(setup.backend.short_id())),
+        "a trailer section of exactly max_head_bytes is served: {response:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&response.body),
+        "5 2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824\n",
+        "the body reached the backend whole"
     );
 }

@@ -21,29 +21,35 @@ fuzz_target!(|data: &[u8]| {
         keep_alive: flags & 2 != 0,
         http10: flags & 4 != 0,
         set_sticky: (flags & 8 != 0).then_some(STICKY_ID),
+        websocket_upgrade: flags & 16 != 0,
     };
 
     let mut out = Vec::new();
     let full = response::parse(raw, &client, &mut out);
     if let Ok(Some(head)) = &full {
-        check_head(raw, head, &out);
+        check_head(raw, head, &client, &out);
     }
 
     let half = &raw[..raw.len() / 2];
     let mut half_out = Vec::new();
     if let Ok(Some(half_head)) = response::parse(half, &client, &mut half_out) {
-        check_head(half, &half_head, &half_out);
+        check_head(half, &half_head, &client, &half_out);
         prefix::check_prefix(&full, &out, &half_head, &half_out, |h| h.head_len);
     }
 });
 
-fn check_head(input: &[u8], head: &ResponseHead, out: &[u8]) {
+fn check_head(input: &[u8], head: &ResponseHead, client: &ClientSide<'_>, out: &[u8]) {
     assert!(
         head.head_len <= input.len(),
         "head_len {} > input {}",
         head.head_len,
         input.len()
     );
+    // Interim responses to an HTTP/1.0 client are swallowed: nothing to relay.
+    if client.http10 && head.is_interim() {
+        assert!(out.is_empty(), "1xx relayed to HTTP/1.0: {out:?}");
+        return;
+    }
     assert!(out.ends_with(b"\r\n\r\n"), "client head: {out:?}");
     let mut headers = [httparse::EMPTY_HEADER; REPARSE_HEADERS];
     let mut res = httparse::Response::new(&mut headers);

@@ -2,11 +2,19 @@
 //!
 //! The proxy does not decode chunks: it forwards the bytes as they are and only needs to know
 //! where the message ends, and to refuse framing that another parser could read differently
-//! (bare LF, sizes that overflow, junk after the size).
+//! (bare LF, sizes that overflow, junk after the size). Every line it reads is bounded: a chunk
+//! size line by [`MAX_CHUNK_LINE_BYTES`], the trailer section by the head limit
+//! (`max_head_bytes`), so a peer cannot make a line (and a recipient's buffer) grow without end.
 use std::fmt;
 
-/// Longest trailer section accepted.
-const MAX_TRAILER_BYTES: usize = 16 * 1024;
+use super::DEFAULT_MAX_HEAD;
+
+/// Longest chunk size line (size, extensions, CRLF). Sizes take at most 16 hex digits, and no
+/// chunk extension is defined that needs more than a few bytes (RFC 9112 section 7.1.1 lets a
+/// recipient ignore them, and a server should bound them); 4 KiB is generous for any real use
+/// and short enough that a peer cannot stream an endless line through the router, or make a
+/// backend that buffers the line hold it all (nginx's whole limit for such lines is 4 KiB too).
+pub const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
 /// 16 hex digits fill a u64; more cannot be a real size.
 const MAX_SIZE_DIGITS: u32 = 16;
 
@@ -52,22 +60,35 @@ enum State {
 #[derive(Clone, Debug)]
 pub struct ChunkedScanner {
     state: State,
+    /// Bytes of the current chunk size line so far.
+    line_bytes: usize,
+    /// Bytes of the trailer section so far (fields, line ends, the final CRLF).
     trailer_bytes: usize,
+    max_trailer_bytes: usize,
 }
 
+/// With the default head limit as the trailer bound.
 impl Default for ChunkedScanner {
     fn default() -> Self {
+        Self::new(DEFAULT_MAX_HEAD)
+    }
+}
+
+impl ChunkedScanner {
+    /// A scanner for one body whose trailer section may take up to `max_trailer_bytes` (the
+    /// head limit: trailers are header fields that come late, RFC 9112 section 7.1.2).
+    pub fn new(max_trailer_bytes: usize) -> Self {
         Self {
             state: State::Size {
                 digits: 0,
                 value: 0,
             },
+            line_bytes: 0,
             trailer_bytes: 0,
+            max_trailer_bytes,
         }
     }
-}
 
-impl ChunkedScanner {
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }
@@ -110,6 +131,24 @@ impl ChunkedScanner {
     }
 
     fn step(&mut self, b: u8) -> Result<State, ChunkError> {
+        match self.state {
+            State::Size { .. }
+            | State::SizeSpace { .. }
+            | State::Extension { .. }
+            | State::SizeLf { .. } => {
+                self.line_bytes += 1;
+                if self.line_bytes > MAX_CHUNK_LINE_BYTES {
+                    return Err(ChunkError("chunk size line too long"));
+                }
+            }
+            State::TrailerStart | State::TrailerLine | State::TrailerLf | State::EndLf => {
+                self.trailer_bytes += 1;
+                if self.trailer_bytes > self.max_trailer_bytes {
+                    return Err(ChunkError("trailer section too large"));
+                }
+            }
+            State::Data { .. } | State::DataCr | State::DataLf | State::Done => {}
+        }
         Ok(match self.state {
             State::Size { digits, value } => match hex_value(b) {
                 Some(_) if digits == MAX_SIZE_DIGITS => {
@@ -134,21 +173,24 @@ impl ChunkedScanner {
                 _ => return Err(ChunkError("chunk data longer than its size")),
             },
             State::DataLf => match b {
-                b'\n' => State::Size {
-                    digits: 0,
-                    value: 0,
-                },
+                b'\n' => {
+                    self.line_bytes = 0;
+                    State::Size {
+                        digits: 0,
+                        value: 0,
+                    }
+                }
                 _ => return Err(ChunkError("CR without LF after chunk data")),
             },
             State::TrailerStart => match b {
                 b'\r' => State::EndLf,
                 b'\n' => return Err(ChunkError("bare LF in trailers")),
-                _ => self.trailer_byte(State::TrailerLine)?,
+                _ => State::TrailerLine,
             },
             State::TrailerLine => match b {
                 b'\r' => State::TrailerLf,
                 b'\n' => return Err(ChunkError("bare LF in trailers")),
-                _ => self.trailer_byte(State::TrailerLine)?,
+                _ => State::TrailerLine,
             },
             State::TrailerLf => match b {
                 b'\n' => State::TrailerStart,
@@ -175,14 +217,6 @@ impl ChunkedScanner {
             }
             _ => Err(ChunkError("junk after chunk size")),
         }
-    }
-
-    fn trailer_byte(&mut self, next: State) -> Result<State, ChunkError> {
-        self.trailer_bytes += 1;
-        if self.trailer_bytes > MAX_TRAILER_BYTES {
-            return Err(ChunkError("trailer section too large"));
-        }
-        Ok(next)
     }
 }
 
@@ -283,6 +317,97 @@ mod tests {
                 "{:?} accepted",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    /// Line bounds (issue 9, finding 8): (body, trailer limit, outcome). Every row is fed in
+    /// one piece and byte by byte.
+    #[test]
+    fn every_line_is_bounded() {
+        let line_of = |len: usize| format!("5;{}\r\n", "e".repeat(len - 4));
+        let trailers_of = |len: usize| format!("X: {}\r\n\r\n", "t".repeat(len - 7));
+        let cases: Vec<(String, usize, Result<(), ChunkError>)> = vec![
+            // A size line of exactly the limit (CRLF included) passes; one byte more does not.
+            (
+                format!("{}hello\r\n0\r\n\r\n", line_of(MAX_CHUNK_LINE_BYTES)),
+                DEFAULT_MAX_HEAD,
+                Ok(()),
+            ),
+            (
+                format!("{}hello\r\n0\r\n\r\n", line_of(MAX_CHUNK_LINE_BYTES + 1)),
+                DEFAULT_MAX_HEAD,
+                Err(ChunkError("chunk size line too long")),
+            ),
+            // The 100 KB extension of the issue.
+            (
+                format!("5;{}\r\nhello\r\n0\r\n\r\n", "a".repeat(100_000)),
+                DEFAULT_MAX_HEAD,
+                Err(ChunkError("chunk size line too long")),
+            ),
+            // Whitespace after the size counts too, and so does the last-chunk line.
+            (
+                format!("5{}\r\nhello\r\n0\r\n\r\n", " ".repeat(5000)),
+                DEFAULT_MAX_HEAD,
+                Err(ChunkError("chunk size line too long")),
+            ),
+            (
+                format!("0;{}\r\n\r\n", "e".repeat(5000)),
+                DEFAULT_MAX_HEAD,
+                Err(ChunkError("chunk size line too long")),
+            ),
+            // The count starts again at each line: many lines just under the limit pass.
+            (
+                format!(
+                    "{}0\r\n\r\n",
+                    format!("{}hello\r\n", line_of(MAX_CHUNK_LINE_BYTES)).repeat(20)
+                ),
+                DEFAULT_MAX_HEAD,
+                Ok(()),
+            ),
+            // The trailer section (fields, line ends, final CRLF) up to the limit, then over.
+            (format!("0\r\n{}", trailers_of(1024)), 1024, Ok(())),
+            (
+                format!("0\r\n{}", trailers_of(1025)),
+                1024,
+                Err(ChunkError("trailer section too large")),
+            ),
+            (
+                format!("0\r\n{}", "X: y\r\n".repeat(300) + "\r\n"),
+                1024,
+                Err(ChunkError("trailer section too large")),
+            ),
+            (
+                format!("0\r\n{}", trailers_of(70_000)),
+                DEFAULT_MAX_HEAD,
+                Err(ChunkError("trailer section too large")),
+            ),
+            (
+                format!("0\r\n{}", trailers_of(60_000)),
+                DEFAULT_MAX_HEAD,
+                Ok(()),
+            ),
+        ];
+        for (body, max_trailer, expected) in &cases {
+            for step in [1, body.len()] {
+                let mut scanner = ChunkedScanner::new(*max_trailer);
+                let mut result = Ok(());
+                for piece in body.as_bytes().chunks(step) {
+                    if let Err(e) = scanner.advance(piece) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                if result.is_ok() {
+                    assert!(scanner.is_done(), "{} bytes: not done", body.len());
+                }
+                assert_eq!(
+                    result,
+                    *expected,
+                    "{} bytes, step {step}: {:?}...",
+                    body.len(),
+                    &body[..body.len().min(40)]
+                );
+            }
         }
     }
 

@@ -1,10 +1,12 @@
 //! Request heads: parse and validate a client's request head, and write the head the backend
-//! receives (hop-by-hop headers dropped, the `CONTAINERID` cookie removed, `X-Forwarded-*` set).
+//! receives (hop-by-hop headers dropped, the `CONTAINERID` cookie removed, `X-Forwarded-*` set,
+//! framing, `Upgrade` and `Expect` written from the router's own reading).
 use std::{mem::MaybeUninit, ops::Range};
 
 use super::{
-    BodyFraming, HeadLimits, MAX_HEADERS, Reject, check_transfer_codings, has_bare_lf,
-    is_hop_by_hop, list_tokens, lists_token, parse_content_length, range_in, trim_ows,
+    BodyFraming, HeadLimits, MAX_HEADERS, Reject, check_transfer_codings, has_bare_lf, is_framing,
+    is_hop_by_hop, list_tokens, lists_token, parse_content_length, range_in, split_host_port,
+    trim_ows, write_content_length,
 };
 
 pub const STICKY_COOKIE: &str = "CONTAINERID";
@@ -63,8 +65,14 @@ pub struct RequestHead {
     pub body: BodyFraming,
     /// The client wants the connection kept after this exchange.
     pub keep_alive: bool,
-    /// `Connection: upgrade` with an `Upgrade` header (WebSocket).
+    /// A WebSocket upgrade (GET, HTTP/1.1, `Connection: upgrade`, `Upgrade` listing
+    /// `websocket`): the only upgrade the router passes on, as `Upgrade: websocket`. Every other
+    /// upgrade (h2c, TLS, ...) is stripped and the request served as plain HTTP/1.1, so that no
+    /// backend can switch a connection to a protocol the router does not route request by
+    /// request (h2c smuggling).
     pub upgrade: bool,
+    /// `Expect: 100-continue` on an HTTP/1.1 request: forwarded, and the backend's `100 Continue`
+    /// relayed. (In HTTP/1.0 it is ignored and not forwarded, RFC 9110 section 10.1.1.)
     pub expect_continue: bool,
     /// The value of the `CONTAINERID` cookie.
     pub sticky_id: Option<Range<usize>>,
@@ -136,6 +144,8 @@ pub fn parse(
     if !is_valid_host(host) {
         return Err(Reject::BadRequest("invalid Host"));
     }
+    // An absolute-form authority must equal Host (below), so this checks its port too.
+    split_host_port(host).map_err(Reject::BadRequest)?;
     let path = routing_path(target, host, method)?;
     let path = range_in(buf, path);
 
@@ -151,7 +161,7 @@ pub fn parse(
             ));
         }
         (true, None) => {
-            let chunked = check_transfer_codings(
+            let codings = check_transfer_codings(
                 req.headers
                     .iter()
                     .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
@@ -159,8 +169,14 @@ pub fn parse(
             )?;
             // A request body must be delimited (RFC 9112 section 6.3): without a final chunked
             // its length is unknowable.
-            if !chunked {
+            if !codings.chunked {
                 return Err(Reject::BadRequest("request transfer coding is not chunked"));
+            }
+            // The backend gets exactly `Transfer-Encoding: chunked`; dropping a `gzip` before
+            // it would change the body's meaning, so such a request is not served (RFC 9112
+            // section 6.1: 501 for a coding the server does not implement).
+            if codings.others {
+                return Err(Reject::UnsupportedTransferCoding);
             }
             BodyFraming::Chunked
         }
@@ -172,7 +188,15 @@ pub fn parse(
     } else {
         !facts.connection_close
     };
-    let upgrade = facts.connection_upgrade && facts.upgrade_header;
+    // RFC 9110 section 10.1.1: 417 for an expectation the router cannot meet (only
+    // 100-continue is defined); the request never reaches a backend.
+    if facts.expect_other {
+        return Err(Reject::ExpectationFailed);
+    }
+    // RFC 6455 section 4.1: the opening handshake is a GET of HTTP/1.1 or later; an Upgrade in
+    // HTTP/1.0 is ignored (RFC 9110 section 7.8).
+    let upgrade =
+        method == Method::Get && !http10 && facts.connection_upgrade && facts.upgrade_websocket;
 
     let head = RequestHead {
         method,
@@ -182,7 +206,7 @@ pub fn parse(
         body,
         keep_alive,
         upgrade,
-        expect_continue: facts.expect_continue,
+        expect_continue: facts.expect_continue && !http10,
         sticky_id: facts.sticky_id.clone(),
         head_len,
     };
@@ -204,8 +228,11 @@ struct HeaderFacts {
     connection_close: bool,
     connection_keep_alive: bool,
     connection_upgrade: bool,
-    upgrade_header: bool,
+    /// An `Upgrade` field lists `websocket`.
+    upgrade_websocket: bool,
     expect_continue: bool,
+    /// An `Expect` member other than `100-continue`.
+    expect_other: bool,
     sticky_id: Option<Range<usize>>,
     /// Header names listed in Connection (to drop when forwarding).
     connection_options: Vec<Range<usize>>,
@@ -253,9 +280,15 @@ impl HeaderFacts {
                     }
                 }
             } else if name.eq_ignore_ascii_case("upgrade") {
-                facts.upgrade_header = true;
+                facts.upgrade_websocket |= lists_token(header.value, "websocket");
             } else if name.eq_ignore_ascii_case("expect") {
-                facts.expect_continue |= lists_token(header.value, "100-continue");
+                for token in list_tokens(header.value) {
+                    if token.eq_ignore_ascii_case(b"100-continue") {
+                        facts.expect_continue = true;
+                    } else {
+                        facts.expect_other = true;
+                    }
+                }
             } else if name.eq_ignore_ascii_case("cookie") && facts.sticky_id.is_none() {
                 facts.sticky_id = sticky_cookie(header.value).map(|v| range_in(buf, v));
             }
@@ -354,8 +387,14 @@ fn write_forwarded_head(
     let mut forwarded_for: Option<&[u8]> = None;
     for header in req.headers.iter() {
         let name = header.name;
-        let drop = (is_hop_by_hop(name) && !(head.upgrade && name.eq_ignore_ascii_case("upgrade")))
-            || facts.names_option(buf, name)
+        // Framing, `Upgrade` and `Expect` are written below from what the router understood.
+        // Connection options never drop Host or framing: `Connection: Content-Length` must not
+        // make the backend frame the body otherwise than the router did.
+        if is_framing(name) || name.eq_ignore_ascii_case("expect") {
+            continue;
+        }
+        let drop = is_hop_by_hop(name)
+            || (!name.eq_ignore_ascii_case("host") && facts.names_option(buf, name))
             || (ctx.forwarded_headers
                 && (name.eq_ignore_ascii_case("x-forwarded-proto")
                     || name.eq_ignore_ascii_case("x-forwarded-host")));
@@ -372,8 +411,16 @@ fn write_forwarded_head(
         }
         write_header(out, name.as_bytes(), header.value);
     }
+    match (head.body, facts.content_length) {
+        (BodyFraming::Chunked, _) => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        (_, Some(n)) => write_content_length(out, n),
+        (_, None) => {}
+    }
+    if head.expect_continue {
+        out.extend_from_slice(b"Expect: 100-continue\r\n");
+    }
     if head.upgrade {
-        out.extend_from_slice(b"Connection: Upgrade\r\n");
+        out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
     }
     if ctx.forwarded_headers {
         out.extend_from_slice(b"X-Forwarded-For: ");
@@ -561,15 +608,227 @@ mod tests {
         );
     }
 
+    /// The framing lines of a forwarded head, in order.
+    fn framing_lines(out: &str) -> Vec<&str> {
+        out.split("\r\n")
+            .filter(|line| {
+                let name = line.split(':').next().unwrap_or_default();
+                is_framing(name)
+            })
+            .collect()
+    }
+
+    /// The framing headers the backend gets are the router's reading, written once and
+    /// canonically, whatever the client wrote (issue 9, finding 7).
     #[test]
-    fn upgrade_is_kept() {
-        let raw =
-            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-        let (head, out) = ok(raw);
-        assert!(head.upgrade);
-        assert!(
-            out.contains("Upgrade: websocket\r\n") && out.contains("Connection: Upgrade\r\n"),
-            "{out}"
+    fn framing_is_forwarded_as_understood() {
+        let cases: &[(&[u8], &[&str])] = &[
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                &["Transfer-Encoding: chunked"],
+            ),
+            // An empty list element (RFC 9110 section 5.6.1): the router reads chunked, so the
+            // backend must not get a value it could read otherwise.
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,chunked\r\n\r\n",
+                &["Transfer-Encoding: chunked"],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED , \r\n\r\n",
+                &["Transfer-Encoding: chunked"],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\nTransfer-Encoding: chunked\r\n\r\n",
+                &["Transfer-Encoding: chunked"],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: chunked\r\n\r\n",
+                &["Transfer-Encoding: chunked"],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                &["Content-Length: 5"],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length:  005 \r\n\r\n",
+                &["Content-Length: 5"],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                &["Content-Length: 0"],
+            ),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &[]),
+            // Connection options name hop-by-hop fields; framing is not theirs to drop.
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+                &["Transfer-Encoding: chunked"],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n",
+                &["Content-Length: 5"],
+            ),
+        ];
+        for (raw, expected) in cases {
+            let (_, out) = ok(raw);
+            assert_eq!(
+                framing_lines(&out),
+                *expected,
+                "{:?} -> {out:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn host_is_not_a_connection_option() {
+        let (_, out) =
+            ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Host, X-Gone\r\nX-Gone: 1\r\n\r\n");
+        assert!(out.contains("\r\nHost: a\r\n"), "{out}");
+        assert!(!out.contains("X-Gone"), "{out}");
+    }
+
+    /// Upgrade requests: whether the router passes a WebSocket upgrade on, and what of the
+    /// upgrade the backend sees (issue 9, finding 8: h2c smuggling).
+    #[test]
+    fn only_websocket_upgrades_are_passed_on() {
+        const WS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+        // (request, passed on as a WebSocket upgrade)
+        let cases: &[(&[u8], bool)] = &[
+            (
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                true,
+            ),
+            (
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nconnection: keep-alive, upgrade\r\nupgrade: WebSocket\r\n\r\n",
+                true,
+            ),
+            // Several protocols offered: only websocket is kept.
+            (
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket\r\n\r\n",
+                true,
+            ),
+            (
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nUpgrade: websocket\r\n\r\n",
+                true,
+            ),
+            // h2c (RFC 7540 section 3.2): stripped with its HTTP2-Settings, served as HTTP/1.1.
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+                false,
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+                false,
+            ),
+            (
+                b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: TLS/1.2\r\n\r\n",
+                false,
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: foo/2\r\n\r\n",
+                false,
+            ),
+            // A WebSocket handshake is a GET (RFC 6455 section 4.1).
+            (
+                b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            // Upgrade is HTTP/1.1 (RFC 9110 section 7.8: ignored in HTTP/1.0).
+            (
+                b"GET /ws HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                false,
+            ),
+            // Upgrade without the Connection token, and the token without Upgrade.
+            (
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+                false,
+            ),
+            (
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n\r\n",
+                false,
+            ),
+        ];
+        for (raw, websocket) in cases {
+            let (head, out) = ok(raw);
+            let shown = String::from_utf8_lossy(raw);
+            assert_eq!(head.upgrade, *websocket, "{shown:?}");
+            let lower = out.to_ascii_lowercase();
+            if *websocket {
+                assert_eq!(out.matches(WS).count(), 1, "{shown:?} -> {out:?}");
+                assert_eq!(lower.matches("upgrade:").count(), 1, "{shown:?} -> {out:?}");
+            } else {
+                for gone in ["upgrade", "http2-settings", "connection"] {
+                    assert!(!lower.contains(gone), "{gone}: {shown:?} -> {out:?}");
+                }
+            }
+        }
+    }
+
+    /// `Expect` (RFC 9110 section 10.1.1): 100-continue is passed on in HTTP/1.1, ignored in
+    /// HTTP/1.0; any other expectation is 417.
+    #[test]
+    fn expectations() {
+        // (request, Ok(forwarded with `Expect: 100-continue`) or the status)
+        let cases: &[(&[u8], Result<bool, u16>)] = &[
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+                Ok(true),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-Continue\r\n\r\n",
+                Ok(true),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\nExpect: 100-continue\r\n\r\n",
+                Ok(true),
+            ),
+            (
+                b"POST / HTTP/1.0\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+                Ok(false),
+            ),
+            // An empty list holds no expectation.
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: \r\n\r\n",
+                Ok(false),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: something-else\r\n\r\n",
+                Err(417),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue, x\r\n\r\n",
+                Err(417),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue=1\r\n\r\n",
+                Err(417),
+            ),
+            (
+                b"GET / HTTP/1.0\r\nHost: a\r\nExpect: foo\r\n\r\n",
+                Err(417),
+            ),
+        ];
+        for (raw, expected) in cases {
+            let (result, out) = parse_all(raw);
+            let got = match result {
+                Ok(Some(head)) => {
+                    let forwarded = out.to_ascii_lowercase().matches("expect:").count();
+                    assert_eq!(
+                        forwarded,
+                        usize::from(head.expect_continue),
+                        "{:?} -> {out:?}",
+                        String::from_utf8_lossy(raw)
+                    );
+                    Ok(head.expect_continue)
+                }
+                Ok(None) => panic!("incomplete: {:?}", String::from_utf8_lossy(raw)),
+                Err(reject) => Err(reject.status()),
+            };
+            assert_eq!(got, *expected, "{:?}", String::from_utf8_lossy(raw));
+        }
+        assert_eq!(
+            parse_all(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: x\r\n\r\n").0,
+            Err(Reject::ExpectationFailed)
         );
     }
 
@@ -620,12 +879,25 @@ mod tests {
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: foo\r\n\r\n", 501),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
             (b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400),
+            // Ports that name no TCP port (issue 9, finding 7).
+            (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a:\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a:8o\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a:80:80\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", 400),
+            (b"GET http://a:99999/ HTTP/1.1\r\nHost: a:99999\r\n\r\n", 400),
+            (b"GET http://a:/ HTTP/1.1\r\nHost: a:\r\n\r\n", 400),
+            (b"GET http://a:99999/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n", 417),
             (b"GET http://b/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"GET / HTTP/1.1\nHost: a\n\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n", 400),

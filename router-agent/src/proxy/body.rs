@@ -45,6 +45,8 @@ pub struct BodyPath<'a> {
     pub spliced: &'a AtomicU64,
     /// A body that moves no byte for this long is cut (`TimedOut` on the side that stalled).
     pub idle_timeout: Duration,
+    /// Bound on a chunked body's trailer section (`max_head_bytes`).
+    pub max_trailer_bytes: usize,
 }
 
 impl BodyPath<'_> {
@@ -168,7 +170,7 @@ where
     R: AsyncRead + Socket + Unpin,
     W: AsyncWrite + Socket + Unpin,
 {
-    let mut scanner = ChunkedScanner::default();
+    let mut scanner = ChunkedScanner::new(path.max_trailer_bytes);
     let mut spliced = false;
     loop {
         if buf.is_empty() {
@@ -319,6 +321,7 @@ mod tests {
             copied: &copied,
             spliced: &spliced,
             idle_timeout: Duration::from_secs(5),
+            max_trailer_bytes: crate::http::DEFAULT_MAX_HEAD,
         };
         let result = relay(framing, &mut src, &mut buf, &mut out, &path).await;
         (result, out, buf.to_vec())

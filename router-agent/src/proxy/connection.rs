@@ -388,12 +388,14 @@ impl Connection {
             keep_alive: head.keep_alive && !self.phase.borrow().stopping(),
             http10: head.http10,
             set_sticky,
+            websocket_upgrade: head.upgrade,
         };
         let body_path = BodyPath {
             splice: ctx.splice_threshold().map(|t| (&ctx.pipes, t)),
             copied: &metrics.bytes_copied,
             spliced: &metrics.bytes_spliced,
             idle_timeout: ctx.settings.body_idle_timeout,
+            max_trailer_bytes: ctx.settings.limits.max_head,
         };
         let exchange = RequestExchange {
             client: &mut self.client,
@@ -632,7 +634,8 @@ where
                         .await
                         .map_err(|_| ResponseError::ClientGone)?;
                     Metrics::add(&metrics.bytes_copied, out.len() as u64);
-                    client_saw_bytes = true;
+                    // Empty when swallowed (no 1xx to an HTTP/1.0 client).
+                    client_saw_bytes |= !out.is_empty();
                     buf.advance(head.head_len);
                     continue;
                 }
