@@ -2,7 +2,7 @@
 //! goes to `target/test-logs/` and is printed when a test fails.
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -14,8 +14,12 @@ use crate::{client, unique, wait_for};
 
 pub struct Agent {
     child: Child,
-    /// The HTTP listener, on every address (clients in containers use the bridge gateway).
+    /// The HTTP listener, on every address (clients in containers use the bridge gateway), or
+    /// on `ip` alone for an agent from [`Agent::start_private`].
     pub port: u16,
+    /// The address this host's clients reach the agent's listeners on (`127.0.0.1`, or the
+    /// agent's own loopback address).
+    pub ip: Ipv4Addr,
     pub admin: SocketAddr,
     pub log_path: PathBuf,
 }
@@ -46,6 +50,13 @@ pub fn free_port() -> u16 {
     panic!("no free port between 20000 and 32000");
 }
 
+/// A loopback address of this test process's own: `127.x.y.z` from its process id (ids are
+/// below 2^22, and 127.0.0.1 is process 1, never a test).
+fn private_loopback() -> Ipv4Addr {
+    let [_, x, y, z] = std::process::id().to_be_bytes();
+    Ipv4Addr::new(127, x, y, z)
+}
+
 /// Writes a TOML configuration file for one agent and returns its path.
 pub fn config_file(toml: &str) -> PathBuf {
     let dir = workspace_root().join("target/test-configs");
@@ -60,6 +71,21 @@ impl Agent {
     /// until it has synced with the Docker engine.
     pub fn start(extra_args: &[&str]) -> Self {
         Self::start_with_prefix(&[], extra_args)
+    }
+
+    /// Like [`Agent::start`], but every listener of the agent (HTTP and `tcp://` routes) binds
+    /// only a loopback address of its own (`127.x.y.z` from the test's process id).
+    ///
+    /// Every agent on this machine sees every labelled container of the shared Docker engine,
+    /// also those of tests running in parallel from other checkouts, and opens their `tcp://`
+    /// route ports with `SO_REUSEPORT`: on `0.0.0.0` two agents would share each other's
+    /// connections. A listener on a specific address wins the kernel's lookup over wildcard
+    /// ones, so clients of this agent reach only this agent, and it takes no one else's.
+    pub fn start_private(extra_args: &[&str]) -> Self {
+        let ip = private_loopback();
+        let port = free_port();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::launch(SocketAddr::from((ip, port)), admin, &[], extra_args)
     }
 
     /// Like [`Agent::start`], with this TOML configuration.
@@ -79,6 +105,20 @@ impl Agent {
 
     /// Starts an agent on these ports (a successor of an agent that is stopping, say).
     pub fn start_on(port: u16, admin: SocketAddr, wrapper: &[&str], extra_args: &[&str]) -> Self {
+        Self::launch(
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            admin,
+            wrapper,
+            extra_args,
+        )
+    }
+
+    fn launch(
+        listen: SocketAddr,
+        admin: SocketAddr,
+        wrapper: &[&str],
+        extra_args: &[&str],
+    ) -> Self {
         let log_dir = workspace_root().join("target/test-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let log_path = log_dir.join(format!("{}.log", unique("agent")));
@@ -95,7 +135,7 @@ impl Agent {
         let child = command
             .args([
                 "--listen",
-                &format!("0.0.0.0:{port}"),
+                &listen.to_string(),
                 "--admin",
                 &admin.to_string(),
             ])
@@ -110,9 +150,14 @@ impl Agent {
                     binary.display()
                 )
             });
+        let ip = match listen.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+            _ => Ipv4Addr::LOCALHOST,
+        };
         let agent = Self {
             child,
-            port,
+            port: listen.port(),
+            ip,
             admin,
             log_path,
         };
@@ -130,7 +175,7 @@ impl Agent {
 
     /// The HTTP listener as reached from this host.
     pub fn http_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.ip, self.port))
     }
 
     fn try_json(&self, path: &str) -> Option<Value> {

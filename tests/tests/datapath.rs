@@ -140,15 +140,15 @@ fn http_bodies_keep_their_sha256_through_every_datapath_mode() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A `tcp://` route to the backend's echo port, on a free router port.
-fn tcp_echo_route(name: &str) -> (Container, SocketAddr) {
+/// A `tcp://` route to the backend's echo port, on a free router port of `agent`'s address.
+fn tcp_echo_route(agent: &Agent, name: &str) -> (Container, SocketAddr) {
     let port = free_port();
     let domain = format!("{}.local", unique(name));
     let backend = Container::backend(
         &unique(name),
         &[&format!("aliyun.routing.port_7000=tcp://{domain}:{port}")],
     );
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = SocketAddr::from((agent.ip, port));
     wait_for("the tcp route listener", Duration::from_secs(15), || {
         TcpStream::connect(addr).is_ok()
     });
@@ -170,8 +170,9 @@ fn echo_through(mode: &str, addr: SocketAddr, seed: u64) {
 #[test]
 fn tcp_route_echo_is_intact_through_every_datapath_mode() {
     for mode in MODES {
-        let agent = Agent::start(&["--datapath", mode]);
-        let (_backend, addr) = tcp_echo_route(&format!("echo-{mode}"));
+        // Its own address: other agents on this machine see the route's container too.
+        let agent = Agent::start_private(&["--datapath", mode]);
+        let (_backend, addr) = tcp_echo_route(&agent, &format!("echo-{mode}"));
         let before = counters(&agent);
         let started = Instant::now();
         echo_through(mode, addr, 11);
@@ -227,7 +228,7 @@ fn tcp_route_echo_is_intact_through_every_datapath_mode() {
 #[test]
 fn websocket_echo_moves_through_the_kernel_after_the_upgrade() {
     let domain = format!("{}.local", unique("ws"));
-    let agent = Agent::start(&["--datapath", "sockmap"]);
+    let agent = Agent::start_private(&["--datapath", "sockmap"]);
     let backend = Container::backend(
         &unique("ws"),
         &[&format!("aliyun.routing.port_80=ws://{domain}")],

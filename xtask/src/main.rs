@@ -11,6 +11,7 @@ mod dockerd;
 mod fuzz;
 mod images;
 mod setup;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -78,6 +79,29 @@ enum Command {
         /// for 256 KiB and 1 MiB bodies and the tunnel, to choose the pipe size.
         #[arg(long)]
         pipe_sweep: bool,
+    },
+    /// Repeat the concurrent kernel-tunnel test (8 tunnels x 48 MiB each way through
+    /// `--datapath sockmap`) and count the runs in which a byte was lost or delivered twice.
+    SoakTunnels {
+        /// How many runs (at most 1000).
+        #[arg(long, default_value_t = 200)]
+        runs: u32,
+        /// Keep every CPU busy with a spinning process beside the test (the defect hunted here
+        /// depends on load); same as `--hogs-per-cpu 1`.
+        #[arg(long)]
+        hog: bool,
+        /// Spinning processes per CPU beside the test (more contention than `--hog`).
+        #[arg(long)]
+        hogs_per_cpu: Option<u32>,
+        /// Go on after a failing run instead of stopping at the first.
+        #[arg(long)]
+        keep_going: bool,
+        /// The test to repeat.
+        #[arg(
+            long,
+            default_value = "eight_concurrent_tunnels_under_load_deliver_every_byte"
+        )]
+        test: String,
     },
     /// Count the userspace instructions per request of router-agent and haproxy with valgrind's
     /// callgrind under the same wrk load; writes results/callgrind-<time>.md. Deterministic
@@ -161,6 +185,21 @@ fn main() -> anyhow::Result<()> {
                 scenarios,
                 quick,
                 study,
+            })
+        }
+        Command::SoakTunnels {
+            runs,
+            hog,
+            hogs_per_cpu,
+            keep_going,
+            test,
+        } => {
+            setup::run()?;
+            soak::run(&soak::Options {
+                runs,
+                hogs_per_cpu: hogs_per_cpu.unwrap_or(u32::from(hog)),
+                keep_going,
+                test,
             })
         }
         Command::Profile { seconds } => {
