@@ -45,8 +45,12 @@ impl KernelOffload {
     pub fn load() -> anyhow::Result<Self> {
         // No kernel BTF: the program uses no CO-RE relocations, and parsing the kernel's BTF
         // would add tens of MiB to the agent's peak memory for nothing.
+        // Only to show the kernel defect the program works around (README.md, "Data path"):
+        // with this set, overlapping retransmissions are counted but not cut.
+        let trim_overlaps = u8::from(std::env::var_os("ROUTER_EXPERIMENT_KEEP_OVERLAPS").is_none());
         let mut ebpf = EbpfLoader::new()
             .btf(None)
+            .override_global("TRIM_OVERLAPS", &trim_overlaps, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/router"

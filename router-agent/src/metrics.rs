@@ -53,6 +53,10 @@ pub struct Metrics {
     pub connections_offloaded: AtomicU64,
     /// Kernel tunnel directions handed back to userspace because the peer did not keep up.
     pub tunnels_demoted: AtomicU64,
+    /// Retransmitted segments whose head repeated bytes already forwarded, which the verdict
+    /// program cut off (the kernel hands such segments whole to it), and the bytes cut.
+    pub tunnel_overlaps_cut: AtomicU64,
+    pub tunnel_overlap_bytes_cut: AtomicU64,
     responses_by_class: [AtomicU64; 5],
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     backend_errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -66,6 +70,8 @@ pub struct DatapathCounters {
     pub bytes_kernel: u64,
     pub connections_offloaded: u64,
     pub tunnels_demoted: u64,
+    pub tunnel_overlaps_cut: u64,
+    pub tunnel_overlap_bytes_cut: u64,
 }
 
 /// A client connection counted in `connections_active` while it lives.
@@ -128,6 +134,8 @@ impl Metrics {
             bytes_kernel: self.bytes_kernel.load(Ordering::Relaxed),
             connections_offloaded: self.connections_offloaded.load(Ordering::Relaxed),
             tunnels_demoted: self.tunnels_demoted.load(Ordering::Relaxed),
+            tunnel_overlaps_cut: self.tunnel_overlaps_cut.load(Ordering::Relaxed),
+            tunnel_overlap_bytes_cut: self.tunnel_overlap_bytes_cut.load(Ordering::Relaxed),
         }
     }
 
@@ -190,6 +198,16 @@ impl Metrics {
             "router_tunnels_demoted_total",
             "Kernel tunnel directions handed back to userspace because the peer did not keep up.",
             load(&self.tunnels_demoted),
+        );
+        counter(
+            "router_tunnel_overlaps_cut_total",
+            "Retransmitted segments of kernel tunnels whose repeated head the verdict program cut off.",
+            load(&self.tunnel_overlaps_cut),
+        );
+        counter(
+            "router_tunnel_overlap_bytes_cut_total",
+            "Bytes cut off retransmitted segments of kernel tunnels (each would have been delivered twice).",
+            load(&self.tunnel_overlap_bytes_cut),
         );
         let _ = writeln!(
             out,

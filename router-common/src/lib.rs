@@ -49,6 +49,20 @@ pub struct TunnelEntry {
     /// in a kernel work queue for a moment before a read can see them: at EOF, userspace keeps
     /// reading until it has read this many.
     pub bytes_passed: u64,
+    /// TCP sequence number just past the last byte the program judged (valid once
+    /// `seq_known` is non-zero).
+    pub next_seq: u32,
+    pub seq_known: u32,
+    /// Segments that began before `next_seq`: a retransmission that overlaps bytes already
+    /// judged, which TCP queues whole and the kernel hands whole to the program. The program
+    /// cuts the overlap off (see `router-ebpf`).
+    pub overlaps: u64,
+    /// Bytes cut off those segments (each would otherwise have been delivered twice).
+    pub overlap_bytes: u64,
+    /// Segments whose sequence numbers could not be read or did not match their length: no
+    /// overlap check was possible for them (non-zero means the kernel's `sk_buff` layout is not
+    /// the one the program expects).
+    pub unchecked: u64,
 }
 
 #[cfg(feature = "user")]

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod client;
 pub mod cluster;
 pub mod docker;
+pub mod inject;
 pub mod netns;
 
 use std::time::{Duration, Instant};

@@ -275,6 +275,18 @@ async fn kernel(
     let (up, down) = offload.detach_pair(pair);
     let redirected = up.bytes_redirected + down.bytes_redirected;
     Metrics::add(&metrics.bytes_kernel, redirected);
+    Metrics::add(&metrics.tunnel_overlaps_cut, up.overlaps + down.overlaps);
+    Metrics::add(
+        &metrics.tunnel_overlap_bytes_cut,
+        up.overlap_bytes + down.overlap_bytes,
+    );
+    if up.unchecked + down.unchecked > 0 {
+        tracing::warn!(
+            unchecked = up.unchecked + down.unchecked,
+            "kernel tunnel: segments whose sequence numbers the verdict program could not read \
+             (unexpected sk_buff layout): retransmissions on them may be delivered twice"
+        );
+    }
     if ended_by_reset {
         // One side was reset: reset the other too rather than let it wait for a FIN.
         reset(client);
@@ -289,6 +301,10 @@ async fn kernel(
         down_redirected = down.bytes_redirected,
         down_passed = down.bytes_passed,
         down_demoted = down.demoted,
+        up_overlaps = up.overlaps,
+        up_overlap_bytes = up.overlap_bytes,
+        down_overlaps = down.overlaps,
+        down_overlap_bytes = down.overlap_bytes,
         reset = ended_by_reset,
         "kernel tunnel ended"
     );
@@ -325,8 +341,17 @@ impl Direction<'_> {
     /// far the peer has drained.
     async fn run(mut self, offload: &KernelOffload, metrics: &Metrics) -> Step {
         // Bytes that arrived before the attach sit in the receive queue: a receive call runs
-        // them through the verdict.
-        let mut step = self.on_readable(offload, metrics).await;
+        // them through the verdict. Called directly, since tokio may hold no readiness for a
+        // socket whose earlier events were consumed by the reads before the attach.
+        let mut step = match peek(self.from.as_raw_fd()) {
+            Ok(0) => self.on_eof(offload, metrics).await,
+            Ok(_) => self.on_readable(offload, metrics).await,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
+            Err(e) => {
+                debug!("tunnel side failed: {e}");
+                Step::Reset
+            }
+        };
         let mut drain_reports = tokio::time::interval(DRAIN_REPORT_PERIOD);
         drain_reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while step == Step::Continue {
@@ -335,11 +360,6 @@ impl Direction<'_> {
                     self.report_drained(offload);
                     Step::Continue
                 }
-                // A socket the kernel forwards also wakes up while bytes pass through it
-                // (hundreds of times per 48 MiB under load), and the receive call then returns
-                // nothing. These calls cannot be skipped: without them, or with SO_RCVLOWAT and
-                // TCP_QUICKACK nudges in their place, a stream under load stalls with megabytes
-                // stuck in the kernel (tried; README.md, "Data path").
                 r = self.from.readable() => match r {
                     Ok(()) => self.on_readable(offload, metrics).await,
                     Err(_) => Step::Reset,
@@ -359,40 +379,66 @@ impl Direction<'_> {
 
     /// `from` is readable: EOF (TCP shut it for reading), a reset, or bytes the program passed
     /// to userspace (the direction was demoted, or the peer vanished).
+    ///
+    /// It looks with `MSG_PEEK` first and reads only when there are passed bytes to take. A
+    /// receive call on a socket in the sockhash first runs the verdict over what waits in the
+    /// receive queue (bytes that arrived before the attach are judged only that way), and a
+    /// consuming one then writes back the `copied_seq` it saw on entry, losing the verdict's
+    /// advances (`tcp_bpf_recvmsg_parser`; a peek skips that write). A stale `copied_seq` makes
+    /// the socket look readable for ever: every byte the kernel forwards would wake the agent.
     async fn on_readable(&mut self, offload: &KernelOffload, metrics: &Metrics) -> Step {
         let mut buf = vec![0u8; 64 * 1024];
         let fd = self.from.as_raw_fd();
-        match self.from.try_io(Interest::READABLE, || recv(fd, &mut buf)) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
-            Err(e) => {
-                debug!("tunnel side failed: {e}");
-                Step::Reset
-            }
-            // With the socket in the sockhash a reset can read as EOF: ask the socket. A socket
-            // whose write side we already shut down also reads CLOSE after a normal FIN (it
-            // went to TIME_WAIT), so CLOSE means reset only while our side was still open.
-            Ok(0)
-                if socket_error(self.from) != 0
-                    || (tcp_state(fd) == Some(TCP_CLOSE)
-                        && !self.from_shut.load(Ordering::Relaxed)) =>
-            {
-                debug!(error = socket_error(self.from), state = ?tcp_state(fd), "tunnel side reset");
-                Step::Reset
-            }
-            Ok(0) => {
-                if self.judge_queued(offload, metrics).await.is_err() {
+        loop {
+            match self.from.try_io(Interest::READABLE, || peek(fd)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+                Err(e) => {
+                    debug!("tunnel side failed: {e}");
                     return Step::Reset;
                 }
-                self.wait_flushed(offload, FLUSH_TIMEOUT).await;
-                shutdown_write(self.to);
-                self.ended.store(true, Ordering::Relaxed);
-                Step::Ended
+                Ok(0) => return self.on_eof(offload, metrics).await,
+                Ok(_) => {}
             }
-            Ok(n) => match self.forward_passed(&buf[..n], offload, metrics).await {
-                Ok(()) => Step::Continue,
-                Err(_) => Step::Reset,
-            },
+            match recv(fd, &mut buf) {
+                Ok(0) => return self.on_eof(offload, metrics).await,
+                Ok(n) => {
+                    if self
+                        .forward_passed(&buf[..n], offload, metrics)
+                        .await
+                        .is_err()
+                    {
+                        return Step::Reset;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!("tunnel side failed: {e}");
+                    return Step::Reset;
+                }
+            }
         }
+    }
+
+    /// `from` reads as ended: a reset, or a FIN that is passed on as a half-close once every
+    /// byte before it left through the peer.
+    async fn on_eof(&mut self, offload: &KernelOffload, metrics: &Metrics) -> Step {
+        let fd = self.from.as_raw_fd();
+        // With the socket in the sockhash a reset can read as EOF: ask the socket. A socket
+        // whose write side we already shut down also reads CLOSE after a normal FIN (it went
+        // to TIME_WAIT), so CLOSE means reset only while our side was still open.
+        if socket_error(self.from) != 0
+            || (tcp_state(fd) == Some(TCP_CLOSE) && !self.from_shut.load(Ordering::Relaxed))
+        {
+            debug!(error = socket_error(self.from), state = ?tcp_state(fd), "tunnel side reset");
+            return Step::Reset;
+        }
+        if self.judge_queued(offload, metrics).await.is_err() {
+            return Step::Reset;
+        }
+        self.wait_flushed(offload, FLUSH_TIMEOUT).await;
+        shutdown_write(self.to);
+        self.ended.store(true, Ordering::Relaxed);
+        Step::Ended
     }
 
     /// After EOF: bytes that reached `from` before the attach may still wait in its receive
@@ -505,6 +551,25 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 const TCP_CLOSE: u8 = 7;
+
+/// One byte with `MSG_PEEK`: 0 at EOF, 1 when bytes wait to be read, `WouldBlock` otherwise.
+fn peek(fd: RawFd) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: recv into one byte we own.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
 
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: recv into a buffer we own, of its length.
