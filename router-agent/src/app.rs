@@ -29,7 +29,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let offload = load_kernel_offload(config.datapath)?;
+    let offload = load_kernel_offload(config.datapath, config.max_connections)?;
     let published = Arc::new(Published::new(config.internal_cidrs.as_deref()));
     let metrics = Arc::new(Metrics::default());
 
@@ -173,12 +173,15 @@ async fn wait_for_successor(listen: &[SocketAddr], workers: usize, deadline: Ins
 
 /// Loads the eBPF side unless the datapath mode excludes it. Failure is not fatal in `auto`:
 /// everything then runs in userspace.
-fn load_kernel_offload(mode: DatapathMode) -> anyhow::Result<Option<KernelOffload>> {
+fn load_kernel_offload(
+    mode: DatapathMode,
+    max_connections: usize,
+) -> anyhow::Result<Option<KernelOffload>> {
     if matches!(mode, DatapathMode::Copy | DatapathMode::Splice) {
         info!("kernel offload off: --datapath {mode:?} keeps every byte in userspace");
         return Ok(None);
     }
-    match KernelOffload::load() {
+    match KernelOffload::load(max_connections) {
         Ok(offload) => {
             info!("kernel offload available: sk_skb stream verdict attached to the sockhash");
             Ok(Some(offload))

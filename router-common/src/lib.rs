@@ -18,8 +18,19 @@ pub mod maps {
     /// which have left through the peer (`u64`). Userspace keeps it current; the verdict program
     /// compares it with `bytes_redirected` to bound what waits in the kernel.
     pub const DRAINED: &str = "DRAINED";
-    /// Upper bound on offloaded sockets (two per tunnel).
+    /// Max entries compiled into the object. The agent replaces it at load with
+    /// [`offloaded_sockets_for`] its connection limit.
     pub const MAX_OFFLOADED_SOCKETS: u32 = 65_536;
+
+    /// `BPF_F_NO_PREALLOC`: a hash map allocates each entry on insert, not all at creation.
+    pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+    /// Entries each map needs for `max_connections` client connections: every one may become
+    /// a tunnel of two sockets (client and backend).
+    pub const fn offloaded_sockets_for(max_connections: u32) -> u32 {
+        let wanted = max_connections.saturating_mul(2);
+        if wanted < 64 { 64 } else { wanted }
+    }
 }
 
 /// Most bytes of one direction of a tunnel that may wait in the kernel, redirected but not yet

@@ -25,19 +25,28 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
-use router_common::{MAX_KERNEL_BACKLOG, TunnelEntry, maps::MAX_OFFLOADED_SOCKETS};
+use router_common::{
+    MAX_KERNEL_BACKLOG, TunnelEntry,
+    maps::{BPF_F_NO_PREALLOC, MAX_OFFLOADED_SOCKETS},
+};
 
+// Sizes are placeholders: the agent sets every map's max entries at load, from its connection
+// limit (`router_common::maps`).
 #[map]
 static SOCKHASH: SockHash<u64> = SockHash::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
 
 #[map]
 static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
 
+// Hash maps allocate their entries on insert rather than all at creation: preallocated, these
+// two held 14 MiB of kernel memory per agent for tunnels that mostly never exist.
 #[map]
-static TUNNELS: HashMap<u64, TunnelEntry> = HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
+static TUNNELS: HashMap<u64, TunnelEntry> =
+    HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[map]
-static DRAINED: HashMap<u64, u64> = HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, 0);
+static DRAINED: HashMap<u64, u64> =
+    HashMap::with_max_entries(MAX_OFFLOADED_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// Non-zero: cut overlapping retransmissions (set by the agent at load; zero only to show the
 /// defect, `ROUTER_EXPERIMENT_KEEP_OVERLAPS`).
