@@ -18,7 +18,7 @@ use crate::{
     health::BackendState,
     labels::Scheme,
     metrics::DatapathCounters,
-    proxy::{Phase, Pool, ProxyContext},
+    proxy::{Phase, Pool, ProxyContext, TunnelKind},
     registry::Published,
     table::Route,
 };
@@ -148,8 +148,10 @@ struct DatapathJson {
     kernel_offload: bool,
     /// Sockets in the kernel's sockhash now (two per offloaded tunnel).
     offloaded_sockets: Option<usize>,
-    /// How tunnels (after `101`, `tcp://` routes) move their bytes in this mode.
+    /// How `tcp://` route tunnels move their bytes in this mode.
     tunnels: &'static str,
+    /// How WebSocket tunnels (after `101`) move their bytes in this mode.
+    websocket_tunnels: &'static str,
     /// Smallest body run that is spliced (`null`: bodies are always copied in this mode).
     splice_threshold: Option<u64>,
     /// Capacity of each splice pipe, as granted by the kernel.
@@ -171,7 +173,8 @@ fn routes_json(state: &AdminState) -> String {
             mode: state.proxy.datapath,
             kernel_offload: state.proxy.offload.is_some(),
             offloaded_sockets: state.proxy.offload.as_ref().map(|o| o.offloaded_sockets()),
-            tunnels: state.proxy.tunnel_path(false).name(),
+            tunnels: state.proxy.tunnel_path(TunnelKind::TcpRoute, false).name(),
+            websocket_tunnels: state.proxy.tunnel_path(TunnelKind::WebSocket, false).name(),
             splice_threshold: state.proxy.splice_threshold(),
             pipe_size: state.proxy.pipes.granted_size(),
             counters: state.proxy.metrics.datapath(),

@@ -565,7 +565,9 @@ impl RequestExchange<'_> {
         if response.status == 101 {
             // The split halves are not used past this point, so their borrows of both
             // sockets end here and the sockets can move into the tunnel.
-            let path = self.ctx.tunnel_path(*self.spliced);
+            let path = self
+                .ctx
+                .tunnel_path(tunnel::TunnelKind::WebSocket, *self.spliced);
             upgrade_to_tunnel(self.client, self.client_buf, self.upstream, path, self.ctx).await;
             return Attempt::Done {
                 next: Next::Close,

@@ -26,6 +26,7 @@ pub use self::{
     pool::Pool,
     splice::{DEFAULT_PIPE_SIZE, PipePool},
     tcp_routes::serve_tcp_routes,
+    tunnel::TunnelKind,
 };
 use crate::{
     config::{DatapathMode, ProxySettings},

@@ -86,7 +86,7 @@ async fn handle(
             tunnel::run(
                 &mut client,
                 &mut upstream.stream,
-                ctx.tunnel_path(false),
+                ctx.tunnel_path(tunnel::TunnelKind::TcpRoute, false),
                 &ctx,
             )
             .await;

@@ -42,21 +42,36 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often each kernel tunnel tells the verdict program how far its peer has drained.
 const DRAIN_REPORT_PERIOD: Duration = Duration::from_millis(5);
 
+/// What a tunnel carries, as far as the router can tell: `auto` picks its path by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelKind {
+    /// A `tcp://` route: any protocol, from small requests to long streams.
+    TcpRoute,
+    /// After a `101` to a WebSocket upgrade.
+    WebSocket,
+}
+
 impl ProxyContext {
     /// The path for a new tunnel. `spliced` says whether splice already touched the client
     /// socket: such a socket never enters the sockhash (the two misbehave on one socket).
-    pub fn tunnel_path(&self, spliced: bool) -> TunnelPath {
+    pub fn tunnel_path(&self, kind: TunnelKind, spliced: bool) -> TunnelPath {
         use crate::config::DatapathMode as Mode;
-        match self.datapath {
-            Mode::Copy => TunnelPath::Copy,
-            Mode::Sockmap if self.offload.is_some() && !spliced => TunnelPath::Kernel,
-            // `auto` splices tunnels: in `cargo xtask bench` (8 tunnels x 64 MiB) splice moved
-            // more bytes per second with less CPU than the kernel path (1877 against 1722 MiB/s,
-            // 1.08 against 1.18 CPU s/GiB), and under that load the kernel now and then judges
-            // 64 to 128 KiB of a stream twice, so the peer gets them twice (the ignored test
-            // `eight_concurrent_tunnels_under_load_deliver_every_byte`; README.md, "Data
-            // path"). The kernel path stays available as `--datapath sockmap`.
-            Mode::Splice | Mode::Sockmap | Mode::Auto => TunnelPath::Splice,
+        let kernel = self.offload.is_some() && !spliced;
+        match (self.datapath, kind) {
+            (Mode::Copy, _) => TunnelPath::Copy,
+            (Mode::Sockmap, _) if kernel => TunnelPath::Kernel,
+            // From `cargo xtask bench --scenarios tunnel,ws-small,tcp-small --rounds 7`
+            // (README.md, "Performance"; medians, 2 CPUs shared with the load generator):
+            // - tcp:// routes go through the kernel. 8 x 64 MiB each way: kernel 2023 MiB/s at
+            //   0.99 CPU s/GiB, splice 1972 at 1.03 (a tie; 1421 and 1460 in a noisier run);
+            //   64-byte ping-pong: kernel 33673 messages/s, 60 us CPU each, splice 26146 and
+            //   72 us, copy 28672 and 66 us (p99 0.66, 0.62, 0.58 ms).
+            // - WebSocket tunnels are spliced: small frames were slowest through the kernel
+            //   in both runs (22120 messages/s, p99 1.34 ms, against 24432 and 1.10 ms
+            //   spliced, 25274 and 0.98 ms copied), and splice moves bulk 1.5 times faster
+            //   than copy at two thirds of its CPU.
+            (Mode::Auto, TunnelKind::TcpRoute) if kernel => TunnelPath::Kernel,
+            (Mode::Splice | Mode::Sockmap | Mode::Auto, _) => TunnelPath::Splice,
         }
     }
 }

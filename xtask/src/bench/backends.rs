@@ -1,5 +1,6 @@
-//! The benchmark's containers: two nginx replicas serving the fixed-size bodies, and a TCP echo
-//! for the tunnel scenario, all labeled for the router under a domain unique to this run.
+//! The benchmark's containers: two nginx replicas serving the fixed-size bodies, and the test
+//! backend as a TCP echo (a `tcp://` route) and a WebSocket echo (a `ws://` route) for the
+//! tunnel scenarios, all labeled for the router under domains unique to this run.
 //!
 //! They are removed when [`Backends`] is dropped (normal end or error), and by a detached
 //! watchdog shell when this process dies without unwinding (Ctrl-C, kill).
@@ -19,6 +20,8 @@ use crate::{cmd, images};
 const RUN_LABEL: &str = "router.bench";
 /// The test backend's raw TCP echo port.
 const ECHO_PORT: u16 = 7000;
+/// The test backend's HTTP port (its WebSocket echo is `GET /ws` there).
+const HTTP_PORT: u16 = 80;
 
 pub struct Container {
     pub id: String,
@@ -31,6 +34,8 @@ pub struct Backends {
     pub domain: String,
     /// Domain of the echo's `tcp://` route.
     pub tunnel_domain: String,
+    /// Domain of the echo's `ws://` route (Host of the WebSocket handshake).
+    pub ws_domain: String,
     pub replicas: Vec<Container>,
     pub echo: Option<Echo>,
     created: Vec<String>,
@@ -46,6 +51,11 @@ impl Echo {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((self.container.ip, ECHO_PORT))
     }
+
+    /// The backend's own HTTP listener, where `GET /ws` upgrades.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.container.ip, HTTP_PORT))
+    }
 }
 
 impl Backends {
@@ -56,6 +66,7 @@ impl Backends {
         Ok(Self {
             domain: format!("bench-{run}.local"),
             tunnel_domain: format!("bench-{run}-tunnel.local"),
+            ws_domain: format!("bench-{run}-ws.local"),
             run,
             replicas: Vec::new(),
             echo: None,
@@ -71,7 +82,7 @@ impl Backends {
         for i in 1..=2 {
             let name = format!("bench-{}-nginx-{i}", self.run);
             let label = format!("aliyun.routing.port_80={}", self.domain);
-            let container = self.start(&name, images::NGINX, &label)?;
+            let container = self.start(&name, images::NGINX, &[&label])?;
             wait_ready(SocketAddr::from((container.ip, 80)), &name)?;
             self.replicas.push(container);
         }
@@ -83,12 +94,14 @@ impl Backends {
         if self.echo.is_none() {
             let router_port = system::free_port()?;
             let name = format!("bench-{}-echo", self.run);
-            let label = format!(
+            let tcp_label = format!(
                 "aliyun.routing.port_{ECHO_PORT}=tcp://{}:{router_port}",
                 self.tunnel_domain
             );
-            let container = self.start(&name, images::BACKEND, &label)?;
+            let ws_label = format!("aliyun.routing.port_{HTTP_PORT}=ws://{}", self.ws_domain);
+            let container = self.start(&name, images::BACKEND, &[&tcp_label, &ws_label])?;
             wait_ready(SocketAddr::from((container.ip, ECHO_PORT)), &name)?;
+            wait_ready(SocketAddr::from((container.ip, HTTP_PORT)), &name)?;
             self.echo = Some(Echo {
                 container,
                 router_port,
@@ -97,23 +110,20 @@ impl Backends {
         self.echo.as_ref().context("echo container")
     }
 
-    fn start(&mut self, name: &str, image: &str, route_label: &str) -> anyhow::Result<Container> {
+    fn start(
+        &mut self,
+        name: &str,
+        image: &str,
+        route_labels: &[&str],
+    ) -> anyhow::Result<Container> {
         let run_label = format!("{RUN_LABEL}={}", self.run);
-        let id = cmd::output(
-            cmd::docker(),
-            &[
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--label",
-                &run_label,
-                "--label",
-                route_label,
-                image,
-            ],
-        )
-        .with_context(|| format!("starting container {name} from {image}"))?;
+        let mut args = vec!["run", "-d", "--name", name, "--label", &run_label];
+        for label in route_labels {
+            args.extend(["--label", label]);
+        }
+        args.push(image);
+        let id = cmd::output(cmd::docker(), &args)
+            .with_context(|| format!("starting container {name} from {image}"))?;
         self.created.push(id.clone());
         let ips = cmd::output(
             cmd::docker(),

@@ -81,6 +81,8 @@ pub fn size_name(kib: u32) -> String {
 pub enum Protocol {
     Http,
     Tunnel,
+    /// A WebSocket upgrade through the HTTP listener, then a tunnel.
+    WebSocket,
 }
 
 /// Byte counters of the router's data path (`/api/routes` → `datapath`).
@@ -197,6 +199,11 @@ pub fn start(
                     SocketAddr::from((replica.ip, 80))
                 }
                 Protocol::Tunnel => backends.echo.as_ref().context("no echo container")?.addr(),
+                Protocol::WebSocket => backends
+                    .echo
+                    .as_ref()
+                    .context("no echo container")?
+                    .http_addr(),
             },
             child: None,
             admin: None,
@@ -341,6 +348,16 @@ fn haproxy_config(protocol: Protocol, port: u16, backends: &Backends) -> anyhow:
                 echo.addr()
             );
         }
+        Protocol::WebSocket => {
+            // HTTP mode passes the upgrade on and tunnels after the 101, as acsrouting did.
+            let echo = backends.echo.as_ref().context("no echo container")?;
+            let _ = write!(
+                cfg,
+                "frontend bench_ws\n    bind 127.0.0.1:{port}\n    default_backend bench_ws\n\n\
+                 backend bench_ws\n    option splice-auto\n    server echo {}\n",
+                echo.http_addr()
+            );
+        }
     }
     Ok(cfg)
 }
@@ -392,6 +409,7 @@ fn nginx_config(
     let load_module = match (protocol, setup.nginx_stream) {
         (Protocol::Tunnel, Ok(line)) => line.as_str(),
         (Protocol::Tunnel, Err(reason)) => bail!("nginx cannot proxy raw TCP here: {reason}"),
+        (Protocol::WebSocket, _) => bail!("nginx is not configured for WebSocket here"),
         (Protocol::Http, _) => "",
     };
     let nofile = system::open_files_hard_limit().unwrap_or(65536);
@@ -447,6 +465,7 @@ fn nginx_config(
                 echo.addr()
             );
         }
+        Protocol::WebSocket => unreachable!("refused above"),
     }
     Ok(cfg)
 }
@@ -487,14 +506,13 @@ fn start_router(
     let port = system::free_port()?;
     let admin_port = system::free_port()?;
     let target = match protocol {
-        Protocol::Http => loopback(port),
+        Protocol::Http | Protocol::WebSocket => loopback(port),
         Protocol::Tunnel => {
             let echo = backends.echo.as_ref().context("no echo container")?;
             if !system::port_is_free(echo.router_port) {
                 bail!(
-                    "127.0.0.1:{} (the tunnel route's port) is taken by another process, \
-                     probably another router-agent that discovered the bench's echo container; \
-                     stop it and run again",
+                    "127.0.0.1:{} (the tunnel route's port) is taken by another process \
+                     listening on that address; stop it and run again",
                     echo.router_port
                 );
             }
@@ -528,6 +546,7 @@ fn start_router(
     let (domain, wanted) = match protocol {
         Protocol::Http => (&backends.domain, backends.replicas.len()),
         Protocol::Tunnel => (&backends.tunnel_domain, 1),
+        Protocol::WebSocket => (&backends.ws_domain, 1),
     };
     // Discovery and the first probes take a moment after the admin API answers.
     let deadline = Instant::now() + setup.startup_timeout * 2;

@@ -11,6 +11,7 @@
 mod backends;
 mod contenders;
 mod json;
+mod pingpong;
 pub mod profile;
 mod report;
 mod system;
@@ -75,7 +76,14 @@ enum Kind {
         close_each: bool,
     },
     Tunnel,
+    /// Small messages echoed one at a time over a tunnel: latency per message.
+    PingPong {
+        websocket: bool,
+    },
 }
+
+/// Ping-pong scenarios: connections, each with one message in flight.
+const PINGPONG_CONNECTIONS: usize = 8;
 
 /// Tunnel scenario: connections, and bytes each streams through the echo (and reads back).
 const TUNNEL_CONNECTIONS: usize = 8;
@@ -106,6 +114,16 @@ fn main_scenarios() -> Vec<Scenario> {
             kind: Kind::Tunnel,
             by_bytes: true,
         },
+        Scenario {
+            name: "ws-small".into(),
+            kind: Kind::PingPong { websocket: true },
+            by_bytes: false,
+        },
+        Scenario {
+            name: "tcp-small".into(),
+            kind: Kind::PingPong { websocket: false },
+            by_bytes: false,
+        },
     ]
 }
 
@@ -135,13 +153,19 @@ fn contenders_for(scenario: &Scenario, study: Study) -> Vec<Contender> {
         Study::PipeSweep => return SWEEP_PIPE_KIB.into_iter().map(RouterPipe).collect(),
         Study::Comparison => {}
     }
-    let routers = match scenario.kind {
-        Kind::Http { .. } => [Datapath::Copy, Datapath::Splice, Datapath::Auto],
-        Kind::Tunnel => [Datapath::Copy, Datapath::Splice, Datapath::Sockmap],
+    let routers: &[Datapath] = match scenario.kind {
+        Kind::Http { .. } => &[Datapath::Copy, Datapath::Splice, Datapath::Auto],
+        // Every tunnel path, and the one `auto` picks.
+        Kind::Tunnel | Kind::PingPong { .. } => &[
+            Datapath::Copy,
+            Datapath::Splice,
+            Datapath::Sockmap,
+            Datapath::Auto,
+        ],
     };
     [Direct, Haproxy, Nginx]
         .into_iter()
-        .chain(routers.map(Router))
+        .chain(routers.iter().copied().map(Router))
         .collect()
 }
 
@@ -198,7 +222,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut steal = 0.0;
     let mut index = 0;
     for (scenario, contenders) in &plan {
-        if matches!(scenario.kind, Kind::Tunnel) {
+        if matches!(scenario.kind, Kind::Tunnel | Kind::PingPong { .. }) {
             println!(
                 "bench: starting the TCP echo for {}",
                 backends.tunnel_domain
@@ -323,8 +347,11 @@ fn unavailable(
     nginx_stream: &Result<String, String>,
 ) -> Option<String> {
     match (&scenario.kind, contender, nginx_stream) {
-        (Kind::Tunnel, Contender::Nginx, Err(reason)) => {
+        (Kind::Tunnel | Kind::PingPong { websocket: false }, Contender::Nginx, Err(reason)) => {
             Some(format!("this nginx cannot proxy raw TCP: {reason}"))
+        }
+        (Kind::PingPong { websocket: true }, Contender::Nginx, _) => {
+            Some("not configured for WebSocket upgrades in this benchmark".into())
         }
         _ => None,
     }
@@ -428,7 +455,8 @@ fn measure(
 ) -> anyhow::Result<Measure> {
     let protocol = match scenario.kind {
         Kind::Http { .. } => Protocol::Http,
-        Kind::Tunnel => Protocol::Tunnel,
+        Kind::Tunnel | Kind::PingPong { websocket: false } => Protocol::Tunnel,
+        Kind::PingPong { websocket: true } => Protocol::WebSocket,
     };
     let mut running = contenders::start(contender, protocol, setup)?;
     match scenario.kind {
@@ -511,6 +539,58 @@ fn measure(
                 steal: cpu.steal,
             };
             Ok(measure)
+        }
+        Kind::PingPong { websocket } => {
+            let framing = if websocket {
+                pingpong::Framing::WebSocket {
+                    host: setup.backends.ws_domain.clone(),
+                }
+            } else {
+                pingpong::Framing::Raw
+            };
+            let target = running.target;
+            pingpong::run(
+                target,
+                PINGPONG_CONNECTIONS,
+                Duration::from_secs(1),
+                &framing,
+            )
+            .context("warm-up")?;
+            running.check_alive()?;
+            let counters_before = running.counters()?;
+            let cpu_before = CpuTimes::now()?;
+            let result = pingpong::run(
+                target,
+                PINGPONG_CONNECTIONS,
+                Duration::from_secs(duration),
+                &framing,
+            )?;
+            let cpu = CpuTimes::now()?.since(cpu_before);
+            running.check_alive()?;
+            if result.messages() == 0 {
+                bail!(
+                    "no message came back through {target}: {}",
+                    result.first_failure.unwrap_or_default()
+                );
+            }
+            let counters = running.counters()?;
+            Ok(Measure {
+                requests_per_sec: Some(result.messages_per_sec()),
+                bytes_per_sec: result.bytes_per_sec(),
+                p50: result.percentile(0.50),
+                p99: result.percentile(0.99),
+                cpu_per_unit: cpu.busy / result.messages() as f64,
+                peak_rss: running.peak_rss(),
+                errors: result.failed,
+                error_detail: result.first_failure.map(|reason| {
+                    format!(
+                        "{} of {PINGPONG_CONNECTIONS} connections failed: {reason}",
+                        result.failed
+                    )
+                }),
+                counters: counters.zip(counters_before).map(|(a, b)| a.since(b)),
+                steal: cpu.steal,
+            })
         }
     }
 }

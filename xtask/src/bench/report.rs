@@ -258,7 +258,7 @@ fn times(r: f64) -> String {
 pub fn markdown(info: &RunInfo, rows: &[Row]) -> String {
     let mut out = header(info);
     out.push_str(
-        "\n| scenario | contender | req/s | MiB/s | p50 | p99 | CPU µs/req (tunnel: s/GiB) | \
+        "\n| scenario | contender | req/s (`-small`: messages/s) | MiB/s | p50 | p99 | CPU µs/req (tunnel: s/GiB) | \
          peak RSS MiB | errors | spread | router/haproxy | router/nginx | router/direct |\n\
          |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
@@ -270,7 +270,9 @@ pub fn markdown(info: &RunInfo, rows: &[Row]) -> String {
          same scenario's haproxy, nginx and direct rows. \"spread\" is (max - min) / median of \
          that number over the rounds: differences smaller than it are noise. \"errors\" sums \
          non-2xx/3xx responses and socket errors (tunnel: connections that failed or came back \
-         short) over the measured runs.\n",
+         short) over the measured runs. `ws-small` and `tcp-small`: 8 connections each echo \
+         one 64-byte message at a time (a WebSocket binary frame through a `ws://` route, raw \
+         bytes through a `tcp://` route); p50/p99 are per round trip, CPU is per message.\n",
     );
     let routers: Vec<&Row> = rows
         .iter()

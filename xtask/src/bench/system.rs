@@ -103,8 +103,22 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// True when nothing listens on 127.0.0.1:`port` (we can bind it).
+/// Whether no socket listens on 127.0.0.1:`port` itself. Listeners on 0.0.0.0 do not count:
+/// other agents on this machine (tests, a cluster) discover the bench's containers too and open
+/// their route ports on the wildcard address, but a listener bound to 127.0.0.1 wins the
+/// kernel's lookup for connections to 127.0.0.1 over wildcard ones.
 pub fn port_is_free(port: u16) -> bool {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+    let wanted = format!("0100007F:{port:04X}");
+    let listening = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local_address, rem_address, st (0A: LISTEN)
+            fields.get(1) == Some(&wanted.as_str()) && fields.get(3) == Some(&"0A")
+        });
+    !listening
 }
 
 /// Waits until `addr` accepts connections.
