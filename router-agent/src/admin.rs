@@ -90,6 +90,7 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             ),
         },
         Some("/healthz") => healthz(state),
+        Some("/api/cluster") => (200, "application/json", cluster_json(state)),
         Some("/metrics") => (
             200,
             "text/plain; version=0.0.4",
@@ -98,7 +99,7 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         Some(_) => (
             404,
             "application/json",
-            json!({"error": "not found; try /api/routes, /api/containers, /healthz, /metrics"})
+            json!({"error": "not found; try /api/routes, /api/containers, /api/cluster, /healthz, /metrics"})
                 .to_string(),
         ),
         None => (
@@ -228,6 +229,14 @@ async fn containers_json(state: &AdminState) -> Option<String> {
         })
         .to_string(),
     )
+}
+
+/// This agent's place in the cluster (`{"mode":"single-host"}` outside a Swarm).
+fn cluster_json(state: &AdminState) -> String {
+    match state.proxy.cluster.get() {
+        Some(cluster) => json!({"mode": "cluster", "cluster": &**cluster}).to_string(),
+        None => json!({"mode": "single-host"}).to_string(),
+    }
 }
 
 /// 200 while the agent serves normally; 503 while it is starting (before its first Docker

@@ -12,8 +12,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin,
-    config::{Config, DatapathMode},
+    admin, cluster,
+    config::{ClusterMode, Config, DatapathMode},
     discovery,
     ebpf::KernelOffload,
     handover,
@@ -52,7 +52,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(discovery::run(
         config.docker_host.clone(),
         updates_tx,
-        docker,
+        docker.clone(),
+        metrics.engine_requests.clone(),
     ));
     let to_registry = registry_tx.clone();
     tokio::spawn(async move {
@@ -88,6 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pool: proxy::Pool::new(config.max_connections),
         pipes,
         admission: proxy::Admission::new(config.max_connections),
+        cluster: std::sync::OnceLock::new(),
     });
     tokio::spawn(proxy::maintain_pool(ctx.clone()));
     let admin = admin::AdminState { proxy: ctx.clone() };
@@ -100,6 +102,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         () = wait_until_ready(&published) => {}
         _ = terminate.recv() => return Ok(()),
         _ = interrupt.recv() => return Ok(()),
+    }
+    if config.cluster == ClusterMode::Auto {
+        match cluster::start(config.cluster_listen, ctx.clone(), docker).await {
+            Ok(Some(joined)) => {
+                let _ = ctx.cluster.set(joined);
+            }
+            Ok(None) => {}
+            Err(e) => warn!("cluster mode unavailable ({e:#}); running as a single host"),
+        }
     }
     let mut route_addresses: Vec<_> = config.listen.iter().map(SocketAddr::ip).collect();
     route_addresses.dedup();

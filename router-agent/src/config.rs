@@ -19,6 +19,17 @@ pub enum DatapathMode {
     Sockmap,
 }
 
+/// Whether the agent joins the cluster its Docker engine belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// Cluster mode when the engine is a Swarm node, single-host mode otherwise.
+    #[default]
+    Auto,
+    /// Single-host mode whatever the engine is.
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -63,6 +74,13 @@ pub struct Cli {
     /// HTTP worker threads, each with its own listening socket [default: one per CPU].
     #[arg(long, env = "ROUTER_WORKERS")]
     pub workers: Option<usize>,
+    /// Join the Swarm the engine belongs to [default: auto].
+    #[arg(long, env = "ROUTER_CLUSTER", value_enum)]
+    pub cluster: Option<ClusterMode>,
+    /// The cluster port, where the other nodes' agents follow this one and reach this node's
+    /// containers [default: 0.0.0.0:9191].
+    #[arg(long, env = "ROUTER_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
 }
 
 /// The TOML file: the flags' names with underscores, plus tuning knobs.
@@ -77,6 +95,8 @@ struct FileConfig {
     datapath: Option<DatapathMode>,
     log_format: Option<LogFormat>,
     workers: Option<usize>,
+    cluster: Option<ClusterMode>,
+    cluster_listen: Option<SocketAddr>,
     connect_timeout_ms: Option<u64>,
     header_timeout_ms: Option<u64>,
     response_timeout_ms: Option<u64>,
@@ -169,6 +189,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// HTTP worker threads.
     pub workers: usize,
+    pub cluster: ClusterMode,
+    pub cluster_listen: SocketAddr,
     pub proxy: ProxySettings,
     /// Client connections open at once (HTTP and `tcp://` routes together); more wait in the
     /// listen backlog.
@@ -215,6 +237,11 @@ impl Config {
                 .workers
                 .or(file.workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+            cluster: cli.cluster.or(file.cluster).unwrap_or_default(),
+            cluster_listen: cli
+                .cluster_listen
+                .or(file.cluster_listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], crate::cluster::DEFAULT_PORT))),
             proxy: ProxySettings {
                 connect_timeout: ms(file.connect_timeout_ms, defaults.connect_timeout),
                 header_timeout: ms(file.header_timeout_ms, defaults.header_timeout),

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod cidr;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod ebpf;

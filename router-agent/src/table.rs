@@ -69,6 +69,9 @@ pub struct Backend {
     pub weight: u32,
     pub state: BackendState,
     pub stats: Arc<BackendStats>,
+    /// For a container of another cluster node: that node's agent, through which it is
+    /// reached (`addr` is then its address on that node, for display). `None`: on this node.
+    pub via: Option<SocketAddr>,
 }
 
 impl Backend {
@@ -147,6 +150,9 @@ pub struct RoutingTable {
     /// Routes per domain, longest context path first.
     http: FastHashMap<String, Vec<Arc<Route>>>,
     tcp: FastHashMap<u16, Arc<Route>>,
+    /// This node's routed containers by (container id, port), for other nodes' agents that
+    /// connect through this one.
+    local: FastHashMap<(Arc<str>, u16), SocketAddr>,
 }
 
 impl RoutingTable {
@@ -162,6 +168,12 @@ impl RoutingTable {
                 RouteKey::Http { path, .. } => (path.clone(), None),
                 RouteKey::Tcp { listen_port } => (String::new(), Some(*listen_port)),
             };
+            for backend in input.backends.iter().filter(|b| b.via.is_none()) {
+                table.local.insert(
+                    (backend.container_id.clone(), backend.addr.port()),
+                    backend.addr,
+                );
+            }
             let route = Arc::new(Route {
                 internal: is_internal_domain(&input.domain),
                 domain: input.domain,
@@ -194,6 +206,11 @@ impl RoutingTable {
         let host = normalize_host(host)?;
         let routes = self.http.get(host.as_ref())?;
         routes.iter().find(|r| path_matches(&r.path, target))
+    }
+
+    /// Where this node's container `id` serves `port`, if that is one of its routed ports.
+    pub fn local_backend(&self, id: &str, port: u16) -> Option<SocketAddr> {
+        self.local.get(&(Arc::from(id), port)).copied()
     }
 
     pub fn tcp_route(&self, listen_port: u16) -> Option<&Arc<Route>> {
@@ -263,6 +280,7 @@ mod tests {
             weight,
             state,
             stats: Arc::default(),
+            via: None,
         }
     }
 

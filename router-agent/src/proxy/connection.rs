@@ -313,20 +313,20 @@ impl Connection {
             // requests: the backend may also have closed because of the request itself.)
             if matches!(outcome, Attempt::Lost(_)) && upstream.reused && idempotent {
                 Metrics::add(&metrics.stale_reconnects, 1);
-                match upstream.reconnect(ctx).await {
+                match upstream.reconnect(backend, ctx).await {
                     Ok(()) => {
                         outcome = self
                             .attempt(head, request_body, &mut upstream, set_sticky, ctx)
                             .await;
                     }
-                    Err(e) if super::is_fd_exhaustion(&e) => {
+                    Err(upstream::ConnectError::Io(e)) if super::is_fd_exhaustion(&e) => {
                         ctx.admission.note_fd_exhaustion();
                         self.answer_unavailable(Unavailable::Overloaded).await;
                         return Ok(Next::Close);
                     }
                     Err(e) => {
                         metrics.backend_error(BackendError::Connect);
-                        upstream::report_connect_failure(ctx, backend, format!("connect: {e}"));
+                        upstream::report_connect_failure(ctx, backend, &e);
                         continue;
                     }
                 }

@@ -26,7 +26,14 @@ pub use self::{
     pool::Pool,
     splice::{DEFAULT_PIPE_SIZE, PipePool},
     tcp_routes::serve_tcp_routes,
+    tunnel::idle_for as tunnel_idle_for,
 };
+
+/// Moves bytes both ways between two sockets, by the path this agent's mode picks for tunnels
+/// (the cluster port relays other nodes' connections this way).
+pub async fn run_tunnel(client: &mut TcpStream, backend: &mut TcpStream, ctx: &ProxyContext) {
+    tunnel::run(client, backend, ctx.tunnel_path(false), ctx).await;
+}
 use crate::{
     config::{DatapathMode, ProxySettings},
     ebpf::KernelOffload,
@@ -55,6 +62,8 @@ pub struct ProxyContext {
     pub pool: Pool,
     pub pipes: PipePool,
     pub admission: Admission,
+    /// This agent's place in a Swarm cluster, once joined (unset on a single host).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// The agent's life after start, as the data path sees it.

@@ -118,7 +118,7 @@ pub async fn run(
 
 /// Resolves once neither socket has received a byte or had one acknowledged for `timeout`
 /// (the kernel's own counters, so this works whichever path moves the bytes).
-async fn idle_for(a: RawFd, b: RawFd, timeout: Duration) {
+pub async fn idle_for(a: RawFd, b: RawFd, timeout: Duration) {
     let traffic = || {
         [a, b]
             .into_iter()
