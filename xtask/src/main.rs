@@ -111,6 +111,13 @@ enum ClusterAction {
     },
     /// Remove everything `up` made: engines, containers, namespaces, bridge, firewall rule, state.
     Down,
+    /// The seed's example on the cluster: two `restserver` replicas on two nodes and a
+    /// `restclient` on a third, deployed as a stack; prints which replicas answered.
+    Demo {
+        /// How long to let the client run, in seconds.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -135,6 +142,13 @@ fn main() -> anyhow::Result<()> {
         Command::Cluster {
             action: ClusterAction::Down,
         } => cluster::down(),
+        Command::Cluster {
+            action: ClusterAction::Demo { seconds },
+        } => {
+            setup::run()?;
+            images::ensure_agent(&build::agent()?)?;
+            cluster::demo(seconds)
+        }
         Command::Test { args } => {
             setup::run()?;
             build::test(&args)

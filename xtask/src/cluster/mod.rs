@@ -8,6 +8,7 @@
 //!
 //! Stdout carries only the node lines (`node<i> DOCKER_HOST=.. NETNS=.. ADDR=..`); progress goes
 //! to stderr. Tests read the state file, [`plan::STATE_FILE`].
+mod demo;
 mod images;
 mod node;
 mod plan;
@@ -114,6 +115,16 @@ fn refresh_images(nodes: &[Node]) -> anyhow::Result<()> {
         swarm::wait_agents(nodes, Duration::from_mins(1))?;
     }
     Ok(())
+}
+
+/// `cargo xtask cluster demo`: `up` (keeping the cluster's shape), then the seed's stack.
+pub fn demo(seconds: u64) -> anyhow::Result<()> {
+    up(&Options {
+        nodes: None,
+        managers: None,
+    })?;
+    let (nodes, managers) = recorded_shape().context("no cluster state after `up`")?;
+    demo::run(&plan::nodes(nodes, managers)?, seconds)
 }
 
 pub fn down() -> anyhow::Result<()> {
