@@ -153,6 +153,8 @@ pub struct RoutingTable {
     /// This node's routed containers by (container id, port), for other nodes' agents that
     /// connect through this one.
     local: FastHashMap<(Arc<str>, u16), SocketAddr>,
+    /// Every backend's state by container id.
+    states: FastHashMap<Arc<str>, BackendState>,
 }
 
 impl RoutingTable {
@@ -206,6 +208,14 @@ impl RoutingTable {
         let host = normalize_host(host)?;
         let routes = self.http.get(host.as_ref())?;
         routes.iter().find(|r| path_matches(&r.path, target))
+    }
+
+    /// Whether the container is still in the table in a state that finishes what it has
+    /// (`up` or `draining`).
+    pub fn still_routed(&self, id: &str) -> bool {
+        self.states
+            .get(id)
+            .is_some_and(|s| matches!(s, BackendState::Up | BackendState::Draining))
     }
 
     /// Where this node's container `id` serves `port`, if that is one of its routed ports.

@@ -224,5 +224,7 @@ async fn follow_members(cluster: Arc<Cluster>) {
 /// Default cluster port.
 pub const DEFAULT_PORT: u16 = 9191;
 
-/// How long a request waits for another node's agent to relay a connection.
-pub const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a request waits for another node's agent to relay a connection (and for the
+/// relayed connection to open): nodes share a LAN, and an agent that does not answer within
+/// this is treated as unreachable (the request goes to another backend).
+pub const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -349,7 +349,9 @@ async fn open_to(
             via,
             &backend.container_id,
             backend.addr.port(),
-            ctx.settings.connect_timeout,
+            ctx.settings
+                .connect_timeout
+                .min(crate::cluster::RELAY_CONNECT_TIMEOUT),
         )
         .await
         .map_err(ConnectError::Through)?,
