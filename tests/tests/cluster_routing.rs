@@ -422,3 +422,83 @@ fn a_client_outside_the_cluster_gets_404_for_local_names() {
     );
     assert_eq!(cluster_port, "403", "the cluster port refuses non-members");
 }
+
+/// The agent of one node dies and Swarm restarts it, then the agents are updated one node at a
+/// time: a client on another node sees no failed request.
+#[test]
+fn an_agent_restarting_on_one_node_does_not_disturb_the_others() {
+    let Some(cluster) = Cluster::require("an_agent_restarting") else {
+        return;
+    };
+    let overlay = Overlay::create(cluster.manager(), &unique("restartx"));
+    let (service, domain) = replicas(&cluster, &overlay, &unique("restartx"), 2, "node3");
+    let ids: Vec<String> = cluster
+        .running_tasks(&service.name)
+        .iter()
+        .map(|t| t.container_id.clone())
+        .collect();
+    wait_routable_everywhere(&cluster, &domain, &ids, Duration::from_secs(20));
+    let client = cluster.node("node3");
+    let stream = {
+        let (addr, domain) = (client.http_addr(), domain.clone());
+        client
+            .in_netns(move || RequestStream::start(addr, &domain, "/"))
+            .join()
+            .expect("stream")
+    };
+    wait_for("requests flowing", Duration::from_secs(5), || {
+        stream.count() > 20
+    });
+
+    // node1's agent dies; Swarm starts a new one.
+    let node1 = cluster.node("node1");
+    let agents_on_node1 = || {
+        node1
+            .docker(&[
+                "ps",
+                "-q",
+                "--filter",
+                &format!(
+                    "label=com.docker.swarm.service.name={}",
+                    cluster.agent_service
+                ),
+            ])
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let mut agent = Vec::new();
+    wait_for("one agent on node1", Duration::from_secs(60), || {
+        agent = agents_on_node1();
+        agent.len() == 1
+    });
+    node1.docker(&["kill", &agent[0]]);
+    wait_for("a new agent on node1", Duration::from_secs(30), || {
+        node1.agent_json("/healthz")["status"] == "ok"
+    });
+    wait_routable_everywhere(&cluster, &domain, &ids, Duration::from_secs(20));
+    let after_kill = stream.count();
+
+    // A rolling update of every agent (the stack starts each new agent before stopping the
+    // old one: they share the ports, and the old one hands over).
+    cluster.manager().docker(&[
+        "service",
+        "update",
+        "--force",
+        "--quiet",
+        &cluster.agent_service,
+    ]);
+    wait_for("the update to settle", Duration::from_secs(60), || {
+        cluster.nodes_running(&cluster.agent_service).len() == cluster.nodes.len()
+    });
+    wait_routable_everywhere(&cluster, &domain, &ids, Duration::from_secs(20));
+    let outcomes = stream.finish();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    println!(
+        "agent killed on node1, then a rolling update of all agents: {} requests from node3 \
+         ({after_kill} by the end of the kill), {} failed",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+}

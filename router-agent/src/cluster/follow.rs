@@ -43,6 +43,9 @@ pub async fn follow(node_id: String, via: SocketAddr, cluster: std::sync::Arc<Cl
         let silent_for = without_stream_since.map_or(Duration::ZERO, |t| t.elapsed());
         if !reported_lost && silent_for >= LOSS_GRACE {
             reported_lost = true;
+            cluster.synced.send_modify(|s| {
+                s.remove(&node_id);
+            });
             let _ = cluster.registry.send(Message::Peer(PeerEvent::Lost {
                 node_id: node_id.clone(),
                 why: format!("no stream from its agent at {via} for {silent_for:?}"),
@@ -81,11 +84,7 @@ async fn stream_once(
         let line = next_line(&mut lines).await?;
         let item: StreamItem = serde_json::from_str(&line)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if matches!(item, StreamItem::Snapshot { .. }) {
-            if without_stream_since.take().is_some() {
-                info!(node = %node_id, %via, "following the node's agent");
-            }
-        }
+        let snapshot = matches!(item, StreamItem::Snapshot { .. });
         cluster.items_received.fetch_add(1, Ordering::Relaxed);
         let event = PeerEvent::Stream {
             node_id: node_id.to_owned(),
@@ -94,6 +93,16 @@ async fn stream_once(
         };
         if cluster.registry.send(Message::Peer(event)).is_err() {
             return Ok(());
+        }
+        if snapshot {
+            if without_stream_since.take().is_some() {
+                info!(node = %node_id, %via, "following the node's agent");
+            }
+            // Marked after the registry has the snapshot in its queue: whoever waits for the
+            // sync then finds the nodes' containers in the next table.
+            cluster
+                .synced
+                .send_if_modified(|s| s.insert(node_id.to_owned()));
         }
     }
 }

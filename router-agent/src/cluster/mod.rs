@@ -21,7 +21,7 @@ mod serve;
 pub mod wire;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
@@ -57,8 +57,18 @@ pub struct Cluster {
     pub registry: mpsc::UnboundedSender<Message>,
     /// Lines received from other nodes' streams.
     pub items_received: AtomicU64,
+    /// The nodes whose stream this agent follows now (it got their snapshot).
+    #[serde(serialize_with = "serialize_synced")]
+    pub synced: watch::Sender<BTreeSet<String>>,
     /// Connections relayed to this node's containers for other nodes' agents.
     pub relayed: AtomicU64,
+}
+
+fn serialize_synced<S: serde::Serializer>(
+    synced: &watch::Sender<BTreeSet<String>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    synced.borrow().serialize(s)
 }
 
 fn serialize_members<S: serde::Serializer>(
@@ -68,7 +78,36 @@ fn serialize_members<S: serde::Serializer>(
     members.borrow().serialize(s)
 }
 
+/// The longest a starting agent waits to follow the other nodes before it serves.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Cluster {
+    /// Waits until the node list is known and every other node's stream gave its snapshot;
+    /// returns false at the timeout (a node that is down must not keep this one from serving).
+    async fn wait_synced(&self, timeout: Duration) -> bool {
+        let mut synced = self.synced.subscribe();
+        let mut members = self.members.subscribe();
+        let all_followed = |members: &[Member], synced: &BTreeSet<String>| {
+            !members.is_empty()
+                && members
+                    .iter()
+                    .filter(|m| m.node_id != self.node_id)
+                    .all(|m| synced.contains(&m.node_id))
+        };
+        let wait = async {
+            loop {
+                if all_followed(&members.borrow_and_update(), &synced.borrow_and_update()) {
+                    return;
+                }
+                tokio::select! {
+                    _ = synced.changed() => {}
+                    _ = members.changed() => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
     /// Whether a connection to the cluster port may come from `ip`: the cluster's nodes (and
     /// this host), nobody else.
     fn admits(&self, ip: IpAddr) -> bool {
@@ -123,6 +162,7 @@ pub async fn start(
         members: watch::Sender::new(Vec::new()),
         registry: ctx.registry.clone(),
         items_received: AtomicU64::new(0),
+        synced: watch::Sender::new(BTreeSet::new()),
         relayed: AtomicU64::new(0),
     });
     let _ = ctx.registry.send(Message::OwnNode {
@@ -134,6 +174,14 @@ pub async fn start(
     tokio::spawn(serve::serve(listener, ctx, cluster.clone()));
     tokio::spawn(track_members(engine, cluster.clone()));
     tokio::spawn(follow_members(cluster.clone()));
+    // Serving before the other nodes are followed would answer 404 for their routes.
+    if !cluster.wait_synced(SYNC_TIMEOUT).await {
+        warn!(
+            "not every node's agent answered within {SYNC_TIMEOUT:?}: serving with the nodes \
+             followed so far ({:?})",
+            cluster.synced.borrow()
+        );
+    }
     info!(
         node = %node_id,
         %addr,
@@ -199,6 +247,9 @@ async fn follow_members(cluster: Arc<Cluster>) {
             let keep = wanted.contains(member);
             if !keep {
                 task.abort();
+                cluster.synced.send_modify(|s| {
+                    s.remove(&member.node_id);
+                });
                 let _ = cluster.registry.send(Message::Peer(PeerEvent::Lost {
                     node_id: member.node_id.clone(),
                     why: "it left the Swarm's node list".into(),

@@ -170,7 +170,10 @@ impl std::fmt::Display for ConnectError {
 /// stream speaks again; a container its agent could not reach is that agent's to judge.
 pub fn report_connect_failure(ctx: &ProxyContext, backend: &Backend, error: &ConnectError) {
     let message = match (error, backend.via) {
-        (ConnectError::Through(ThroughError::Refused(_)), _) => return,
+        (ConnectError::Through(ThroughError::Refused(why)), via) => {
+            tracing::debug!(backend = %backend.addr, ?via, "the node's agent could not connect: {why}");
+            return;
+        }
         (ConnectError::Through(ThroughError::Agent(e)), Some(via)) => {
             Message::Peer(PeerEvent::Unreachable {
                 via,

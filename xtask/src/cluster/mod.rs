@@ -109,6 +109,8 @@ fn create(nodes: &[Node]) -> anyhow::Result<()> {
 /// Loads images that changed on the host since the cluster came up, and moves the agents onto a
 /// new agent image.
 fn refresh_images(nodes: &[Node]) -> anyhow::Result<()> {
+    // The stack file may have changed since: deploying an unchanged stack changes nothing.
+    swarm::deploy_stack(&nodes[0])?;
     if images::load_into(nodes)? {
         eprintln!("cluster: restarting the agents on the new router-agent image");
         swarm::restart_agents(&nodes[0])?;
