@@ -413,10 +413,10 @@ fn container_info(
 /// Overlay (Swarm-scoped) addresses are skipped: the node cannot reach them (a task on overlay
 /// networks only is reached on its gateway-bridge address instead, see `Session::inspect`).
 /// Deterministic, so every resync picks the same one.
-pub fn choose_address(
+pub fn choose_address<S: std::hash::BuildHasher>(
     host_network: bool,
     sorted_networks: &[NetworkAddress],
-    swarm_networks: &HashSet<String>,
+    swarm_networks: &HashSet<String, S>,
 ) -> Option<IpAddr> {
     if host_network {
         return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));

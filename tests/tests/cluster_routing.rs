@@ -374,12 +374,40 @@ struct Demote<'a> {
 
 impl Drop for Demote<'_> {
     fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Back to the shape the other tests expect, once the Swarm is whole again (the cut
+        // manager back and reachable): demoting while it still rejoins can leave the Raft
+        // group without a working quorum for a while.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let whole = || {
+            let nodes = self.manager.docker_stdout(&[
+                "node",
+                "ls",
+                "--format",
+                "{{.Status}} {{.ManagerStatus}}",
+            ]);
+            !nodes.is_empty()
+                && nodes
+                    .lines()
+                    .all(|l| l.starts_with("Ready") && !l.contains("Unreachable"))
+        };
+        while Instant::now() < deadline && !whole() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let mut args = vec!["node", "demote"];
         args.extend(self.nodes.iter().map(String::as_str));
         while Instant::now() < deadline && !self.manager.docker_ok(&args) {
             std::thread::sleep(Duration::from_millis(500));
         }
+        // The manager takes writes again.
+        let probe = unique("quorum");
+        while Instant::now() < deadline
+            && !self
+                .manager
+                .docker_ok(&["network", "create", "--driver", "overlay", &probe])
+        {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let _ = self.manager.docker_ok(&["network", "rm", &probe]);
     }
 }
 

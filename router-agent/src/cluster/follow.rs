@@ -16,9 +16,9 @@ use super::{Cluster, wire::StreamItem};
 use crate::registry::{Message, PeerEvent};
 
 /// A stream with no line (not even a heartbeat, sent every 300 ms) for this long is dead.
-const SILENCE_LIMIT: Duration = Duration::from_millis(1000);
+const SILENCE_LIMIT: Duration = Duration::from_secs(1);
 /// How long a node may be without a stream before its containers are dropped.
-const LOSS_GRACE: Duration = Duration::from_millis(1000);
+const LOSS_GRACE: Duration = Duration::from_secs(1);
 /// Pause between reconnection attempts.
 const RETRY: Duration = Duration::from_millis(200);
 /// Connecting to a node's agent.

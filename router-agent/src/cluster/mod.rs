@@ -82,6 +82,14 @@ fn serialize_members<S: serde::Serializer>(
 const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Cluster {
+    /// Waits until the node list is known (false at the timeout).
+    async fn wait_members(&self, timeout: Duration) -> bool {
+        let mut members = self.members.subscribe();
+        tokio::time::timeout(timeout, members.wait_for(|m| !m.is_empty()))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Waits until the node list is known and every other node's stream gave its snapshot;
     /// returns false at the timeout (a node that is down must not keep this one from serving).
     async fn wait_synced(&self, timeout: Duration) -> bool {
@@ -169,10 +177,15 @@ pub async fn start(
         node_id: node_id.clone(),
         addr,
     });
+    tokio::spawn(track_members(engine, cluster.clone()));
+    // The cluster port admits the members only: open it once they are known, so that a peer
+    // is not turned away while this agent starts.
+    if !cluster.wait_members(SYNC_TIMEOUT).await {
+        warn!("no node list from Swarm within {SYNC_TIMEOUT:?}; opening the cluster port anyway");
+    }
     let listener = crate::proxy::bind(listen)
         .with_context(|| format!("opening the cluster port {listen} (--cluster-listen)"))?;
     tokio::spawn(serve::serve(listener, ctx, cluster.clone()));
-    tokio::spawn(track_members(engine, cluster.clone()));
     tokio::spawn(follow_members(cluster.clone()));
     // Serving before the other nodes are followed would answer 404 for their routes.
     if !cluster.wait_synced(SYNC_TIMEOUT).await {

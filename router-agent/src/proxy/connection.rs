@@ -741,7 +741,7 @@ async fn node_gone(ctx: &ProxyContext, id: &str, via: Option<std::net::SocketAdd
 
 /// A deadline that never comes (for a `select!` arm that is disabled anyway).
 fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365)
+    Instant::now() + Duration::from_hours(24 * 365)
 }
 
 /// Moves a small `Content-Length` body that is entirely in `buf` to the end of `head`, so that

@@ -61,33 +61,31 @@ pub async fn connect_next(
         let candidate = route
             .select(sticky, excluded.as_slice())
             .filter(|_| !tried.is_full());
-        let (selection, slot) = match candidate {
-            Some(selection) => {
-                let backend = &route.backends[selection.index];
-                match try_slot(&backend.stats) {
-                    Ok(slot) => (selection, slot),
-                    // A session stays with its backend: it waits for it rather than moving.
-                    Err(()) if selection.by_cookie => {
-                        (selection, queue_for(&backend.stats, ctx).await?)
-                    }
-                    Err(()) => {
-                        busy.push(selection.index);
-                        continue;
-                    }
+        let (selection, slot) = if let Some(selection) = candidate {
+            let backend = &route.backends[selection.index];
+            match try_slot(&backend.stats) {
+                Ok(slot) => (selection, slot),
+                // A session stays with its backend: it waits for it rather than moving.
+                Err(()) if selection.by_cookie => {
+                    (selection, queue_for(&backend.stats, ctx).await?)
+                }
+                Err(()) => {
+                    busy.push(selection.index);
+                    continue;
                 }
             }
-            None => {
-                let Some(&index) = busy.as_slice().first() else {
-                    return Err(Unavailable::NoBackend);
-                };
-                let slot = queue_for(&route.backends[index].stats, ctx).await?;
-                busy.remove(index);
-                let selection = Selection {
-                    index,
-                    by_cookie: false,
-                };
-                (selection, slot)
-            }
+        } else {
+            // Every candidate is busy (or none is left): wait for the first busy one.
+            let Some(&index) = busy.as_slice().first() else {
+                return Err(Unavailable::NoBackend);
+            };
+            let slot = queue_for(&route.backends[index].stats, ctx).await?;
+            busy.remove(index);
+            let selection = Selection {
+                index,
+                by_cookie: false,
+            };
+            (selection, slot)
         };
         if !tried.is_empty() {
             Metrics::add(&ctx.metrics.retries, 1);
@@ -133,17 +131,16 @@ async fn queue_for(
     let Some(slots) = &stats.slots else {
         return Ok(None);
     };
-    match tokio::time::timeout(
+    if let Ok(Ok(slot)) = tokio::time::timeout(
         ctx.settings.backend_queue_timeout,
         slots.clone().acquire_owned(),
     )
     .await
     {
-        Ok(Ok(slot)) => Ok(Some(slot)),
-        _ => {
-            Metrics::add(&ctx.metrics.queue_timeouts, 1);
-            Err(Unavailable::Saturated)
-        }
+        Ok(Some(slot))
+    } else {
+        Metrics::add(&ctx.metrics.queue_timeouts, 1);
+        Err(Unavailable::Saturated)
     }
 }
 
