@@ -170,11 +170,16 @@ impl RoutingTable {
                 RouteKey::Http { path, .. } => (path.clone(), None),
                 RouteKey::Tcp { listen_port } => (String::new(), Some(*listen_port)),
             };
-            for backend in input.backends.iter().filter(|b| b.via.is_none()) {
-                table.local.insert(
-                    (backend.container_id.clone(), backend.addr.port()),
-                    backend.addr,
-                );
+            for backend in &input.backends {
+                table
+                    .states
+                    .insert(backend.container_id.clone(), backend.state);
+                if backend.via.is_none() {
+                    table.local.insert(
+                        (backend.container_id.clone(), backend.addr.port()),
+                        backend.addr,
+                    );
+                }
             }
             let route = Arc::new(Route {
                 internal: is_internal_domain(&input.domain),
@@ -432,6 +437,30 @@ mod tests {
         )]);
         let route = t.lookup(b"s.local", b"/").unwrap();
         assert!(route.select(None, &[]).is_none());
+    }
+
+    #[test]
+    fn states_and_local_backends_by_container() {
+        let mut remote = backend("r", BackendState::Up, 100);
+        remote.via = Some("198.19.100.2:9191".parse().unwrap());
+        let t = RoutingTable::build(vec![http(
+            "s.local",
+            "/",
+            vec![
+                backend("a", BackendState::Up, 100),
+                backend("d", BackendState::Draining, 100),
+                backend("x", BackendState::Down, 100),
+                remote,
+            ],
+        )]);
+        assert!(t.still_routed("a"));
+        assert!(t.still_routed("d"), "a draining backend finishes what it has");
+        assert!(t.still_routed("r"));
+        assert!(!t.still_routed("x"));
+        assert!(!t.still_routed("gone"));
+        assert_eq!(t.local_backend("a", 80), Some("198.18.0.2:80".parse().unwrap()));
+        assert_eq!(t.local_backend("a", 81), None, "only routed ports");
+        assert_eq!(t.local_backend("r", 80), None, "another node's container");
     }
 
     #[test]

@@ -296,6 +296,7 @@ impl Connection {
                 match upstream::connect_next(route, sticky.get(), &mut tried, ctx, reuse).await {
                     Ok(connected) => connected,
                     Err(Unavailable::NoBackend) if failed_with.is_some() => {
+                        debug!(tried = ?tried, "no backend left after a failed exchange: 502");
                         self.answer(failed_with.unwrap_or(502)).await;
                         return Ok(Next::Close);
                     }
@@ -345,7 +346,7 @@ impl Connection {
                 }
                 Attempt::NodeGone => {
                     metrics.backend_error(BackendError::Reset);
-                    debug!(backend = %backend.addr, "the backend's node was lost mid-request");
+                    debug!(backend = %backend.addr, id = %backend.container_id, via = ?backend.via, "the backend's node was lost mid-request");
                     // The node is out of the table: another backend, if the request allows.
                     if replayable && idempotent && !resent_elsewhere {
                         resent_elsewhere = true;

@@ -201,7 +201,7 @@ pub fn report_exchange_failure(ctx: &ProxyContext, backend: &Backend, error: &st
 }
 
 /// Backends already tried for one request (a small fixed set: no allocation per request).
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone, Copy, Debug)]
 pub struct Tried {
     indices: [usize; 8],
     len: usize,
