@@ -454,11 +454,17 @@ mod tests {
             ],
         )]);
         assert!(t.still_routed("a"));
-        assert!(t.still_routed("d"), "a draining backend finishes what it has");
+        assert!(
+            t.still_routed("d"),
+            "a draining backend finishes what it has"
+        );
         assert!(t.still_routed("r"));
         assert!(!t.still_routed("x"));
         assert!(!t.still_routed("gone"));
-        assert_eq!(t.local_backend("a", 80), Some("198.18.0.2:80".parse().unwrap()));
+        assert_eq!(
+            t.local_backend("a", 80),
+            Some("198.18.0.2:80".parse().unwrap())
+        );
         assert_eq!(t.local_backend("a", 81), None, "only routed ports");
         assert_eq!(t.local_backend("r", 80), None, "another node's container");
     }

@@ -86,6 +86,9 @@ async fn stream_once(
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let snapshot = matches!(item, StreamItem::Snapshot { .. });
         cluster.items_received.fetch_add(1, Ordering::Relaxed);
+        if item != StreamItem::Heartbeat {
+            cluster.changes_received.fetch_add(1, Ordering::Relaxed);
+        }
         let event = PeerEvent::Stream {
             node_id: node_id.to_owned(),
             via,

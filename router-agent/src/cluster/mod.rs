@@ -57,6 +57,9 @@ pub struct Cluster {
     pub registry: mpsc::UnboundedSender<Message>,
     /// Lines received from other nodes' streams.
     pub items_received: AtomicU64,
+    /// Of those, the ones that said something changed (snapshots and changes, not heartbeats):
+    /// the work other nodes' events cost this agent.
+    pub changes_received: AtomicU64,
     /// The nodes whose stream this agent follows now (it got their snapshot).
     #[serde(serialize_with = "serialize_synced")]
     pub synced: watch::Sender<BTreeSet<String>>,
@@ -170,6 +173,7 @@ pub async fn start(
         members: watch::Sender::new(Vec::new()),
         registry: ctx.registry.clone(),
         items_received: AtomicU64::new(0),
+        changes_received: AtomicU64::new(0),
         synced: watch::Sender::new(BTreeSet::new()),
         relayed: AtomicU64::new(0),
     });
