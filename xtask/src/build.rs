@@ -67,7 +67,11 @@ pub fn test_backend() -> anyhow::Result<PathBuf> {
 /// them quiet. Extra arguments are passed to the test harness (a name filter, `--nocapture`).
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let agent = agent()?;
-    bring_up_cluster();
+    // One cluster serves one checkout's agent build at a time: a second checkout testing on
+    // the same machine leaves it alone (and runs no cluster test) with this set.
+    if std::env::var_os("ROUTER_SKIP_CLUSTER").is_none() {
+        bring_up_cluster();
+    }
     let mut args = vec!["test", "--release", "--", "--test-threads=1"];
     args.extend(extra.iter().map(String::as_str));
     let status = Command::new("cargo")
