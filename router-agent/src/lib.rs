@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod registry;
+pub mod socket_lb;
 pub mod table;
