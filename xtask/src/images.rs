@@ -22,7 +22,8 @@ use crate::{build, cmd};
 pub const NGINX: &str = "router-local/nginx";
 /// The seed's `restclient`: curl and a shell.
 pub const CURL: &str = "router-local/curl";
-/// The end-to-end tests' backend (`tests/src/bin/test-backend.rs`) on port 80.
+/// The end-to-end tests' backend (`tests/src/bin/test-backend.rs`) on port 80, with their raw
+/// TCP client (`tests/src/bin/test-client.rs`) for client containers.
 pub const BACKEND: &str = "router-local/backend";
 /// The agent as users deploy it (`deploy/compose.yml`, `deploy/stack.yml`).
 pub const AGENT: &str = "router-agent:latest";
@@ -134,6 +135,11 @@ fn build_curl() -> anyhow::Result<()> {
 fn build_backend(binary: &Path) -> anyhow::Result<()> {
     let mut fs = Rootfs::new("backend")?;
     fs.add_binary_at(binary, "usr/local/bin/test-backend")?;
+    // Built by the same `cargo build`, next to the backend.
+    fs.add_binary_at(
+        &binary.with_file_name("test-client"),
+        "usr/local/bin/test-client",
+    )?;
     fs.add_users()?;
     fs.import(
         BACKEND,
