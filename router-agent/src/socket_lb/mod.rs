@@ -364,8 +364,8 @@ impl SocketLb {
     }
 }
 
-/// The default cgroup: Docker's parent cgroup (`docker`, with the `cgroupfs` driver) in the
-/// cgroup2 hierarchy: every container, none of the host's own processes.
+/// The default cgroup, in the cgroup2 hierarchy: the parent cgroup of the Docker engine's
+/// containers, so that every container is covered and none of the host's own processes.
 pub fn default_cgroup() -> anyhow::Result<PathBuf> {
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
@@ -373,7 +373,23 @@ pub fn default_cgroup() -> anyhow::Result<PathBuf> {
         "no cgroup2 hierarchy is mounted (mount one, e.g. `mount -t cgroup2 none \
          /sys/fs/cgroup/unified`, or set cgroup_path)",
     )?;
-    Ok(mount.join("docker"))
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    Ok(default_cgroup_in(&mount, &own))
+}
+
+/// The default cgroup under the cgroup2 `mount`, given this process's `/proc/self/cgroup`:
+/// - an agent running in a container of the engine (its cgroup is `<parent>/<64 hex id>`, as
+///   Docker's `cgroupfs` driver names them) covers its sibling containers: `<parent>`, which
+///   follows an engine's `--cgroup-parent`;
+/// - anywhere else, `docker`: the `cgroupfs` driver's default parent.
+pub fn default_cgroup_in(mount: &Path, own_cgroup: &str) -> PathBuf {
+    let parent = own_cgroup.lines().find_map(|line| {
+        let path = line.strip_prefix("0::/")?;
+        let (parent, leaf) = path.rsplit_once('/')?;
+        let container_id = leaf.len() == 64 && leaf.bytes().all(|b| b.is_ascii_hexdigit());
+        (container_id && !parent.is_empty()).then_some(parent)
+    });
+    mount.join(parent.unwrap_or("docker"))
 }
 
 /// The frontend addresses for these listen addresses: a wildcard (`0.0.0.0` or `::`, which
@@ -419,6 +435,45 @@ pub fn uninstall_report(pin_path: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_cgroup_is_the_engines_container_parent() {
+        let mount = Path::new("/sys/fs/cgroup/unified");
+        let id = "4fb92d0623bfd8854e380300a85267f12ea75126f7f07d54807e0ac05bbbf5d6";
+        let cases: &[(String, &str)] = &[
+            // A host process: Docker's default parent.
+            ("0::/\n".to_owned(), "/sys/fs/cgroup/unified/docker"),
+            (
+                "1:cpu:/\n0::/user.slice/session-1.scope\n".to_owned(),
+                "/sys/fs/cgroup/unified/docker",
+            ),
+            // The agent in a container of the engine: its siblings.
+            (
+                format!("9:pids:/docker/{id}\n0::/docker/{id}\n"),
+                "/sys/fs/cgroup/unified/docker",
+            ),
+            (
+                format!("0::/router-node1/{id}\n"),
+                "/sys/fs/cgroup/unified/router-node1",
+            ),
+            (format!("0::/a/b/{id}\n"), "/sys/fs/cgroup/unified/a/b"),
+            // A private cgroup namespace shows the container at the root: not enough to tell.
+            ("0::/\n".to_owned(), "/sys/fs/cgroup/unified/docker"),
+            (format!("0::/{id}\n"), "/sys/fs/cgroup/unified/docker"),
+            // systemd's scope names are not container ids.
+            (
+                format!("0::/system.slice/docker-{id}.scope\n"),
+                "/sys/fs/cgroup/unified/docker",
+            ),
+        ];
+        for (own, expected) in cases {
+            assert_eq!(
+                default_cgroup_in(mount, own),
+                Path::new(expected),
+                "{own:?}"
+            );
+        }
+    }
 
     #[test]
     fn frontends_follow_the_listen_addresses() {
