@@ -87,6 +87,12 @@ const DEFAULT_TCP_RESET: &str = "0.0.0.0:7002";
 const DEFAULT_TCP_WHOAMI: &str = "0.0.0.0:7003";
 /// Longest line the whoami reads before it answers anyway.
 const WHOAMI_LINE_LIMIT: usize = 1024;
+/// Accept threads of the whoami, each serving its connections itself: a thread per connection
+/// would cost more than the short exchange (the connection-rate benchmark measures the path to
+/// this server, not thread creation). A client that never sends holds one of them for at most
+/// `WHOAMI_READ_TIMEOUT`.
+const WHOAMI_THREADS: usize = 4;
+const WHOAMI_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the TCP greeter writes before it half-closes.
 const GREETING: &[u8] = b"hello\n";
 /// Read size of the TCP echo: large, so a bulk transfer takes few system calls.
@@ -214,7 +220,7 @@ fn main() -> ExitCode {
         ("tcp echo", echo_listener, spawn_tcp_echo),
         ("tcp greeter", greeter_listener, spawn_tcp_greeter),
         ("tcp reset", reset_listener, spawn_tcp_reset),
-        ("tcp whoami", whoami_listener, spawn_tcp_whoami),
+        ("tcp whoami", whoami_listener, serve_tcp_whoami),
     ];
     let configured = [
         &config.tcp_echo,
@@ -229,13 +235,22 @@ fn main() -> ExitCode {
         );
     }
 
+    // The whoami's extra accept threads, on clones of its listener.
+    let whoami_extra: Vec<RawListener> = (1..WHOAMI_THREADS)
+        .filter_map(|_| raw[3].1.try_clone().ok())
+        .map(|clone| ("tcp whoami", clone, serve_tcp_whoami as fn(TcpStream)))
+        .collect();
     // Each raw TCP listener gets its own accept thread; they see `SHUTDOWN` as soon as this one.
-    let raw_accepts = raw.map(|(kind, raw_listener, on_accept)| {
-        let spawned = thread::Builder::new()
-            .name(format!("{}-accept", kind.replace(' ', "-")))
-            .spawn(move || accept_loop(&raw_listener, on_accept));
-        (kind, spawned)
-    });
+    let raw_accepts: Vec<_> = raw
+        .into_iter()
+        .chain(whoami_extra)
+        .map(|(kind, raw_listener, on_accept)| {
+            let spawned = thread::Builder::new()
+                .name(format!("{}-accept", kind.replace(' ', "-")))
+                .spawn(move || accept_loop(&raw_listener, on_accept));
+            (kind, spawned)
+        })
+        .collect();
     accept_loop(&listener, |stream| spawn_connection(stream, name));
     drop(listener);
     for (kind, spawned) in raw_accepts {
@@ -402,12 +417,12 @@ fn spawn_tcp_greeter(stream: TcpStream) {
     });
 }
 
-fn spawn_tcp_whoami(stream: TcpStream) {
+/// Serves a whoami connection on the accept thread itself (see `WHOAMI_THREADS`).
+fn serve_tcp_whoami(stream: TcpStream) {
     WHOAMI_CONNECTIONS.fetch_add(1, Ordering::SeqCst);
-    spawn_counted("tcp-whoami", move || {
-        // As with the echo, an error just ends the session.
-        let _ = tcp_whoami(stream);
-    });
+    let _active = ActiveGuard::new();
+    // As with the echo, an error just ends the session.
+    let _ = tcp_whoami(stream);
 }
 
 /// Reads the client's line (up to `WHOAMI_LINE_LIMIT` bytes, or EOF), then answers with the
@@ -416,7 +431,7 @@ fn spawn_tcp_whoami(stream: TcpStream) {
 /// on a client that opens thousands of connections.
 fn tcp_whoami(mut stream: TcpStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    stream.set_read_timeout(Some(WHOAMI_READ_TIMEOUT))?;
     let peer = stream.peer_addr()?;
     let mut line = Vec::new();
     let mut buf = [0u8; 256];
@@ -2142,7 +2157,7 @@ mod tests {
             (bind("127.0.0.1:0").unwrap(), spawn_tcp_echo),
             (bind("127.0.0.1:0").unwrap(), spawn_tcp_greeter),
             (bind("127.0.0.1:0").unwrap(), spawn_tcp_reset),
-            (bind("127.0.0.1:0").unwrap(), spawn_tcp_whoami),
+            (bind("127.0.0.1:0").unwrap(), serve_tcp_whoami),
         ];
         let [echo, greeter, reset, whoami] = raw.each_ref().map(|(l, _)| l.local_addr().unwrap());
         let servers = Servers {
