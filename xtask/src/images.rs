@@ -33,6 +33,22 @@ const BUSYBOX_APPLETS: &[&str] = &[
     "true", "false", "kill", "ps", "timeout", "printf", "head",
 ];
 
+/// `name` pinned to the contents this checkout built (`name:<fingerprint>`, from the tag file
+/// `setup` writes), so that another checkout rebuilding `name:latest` on the shared engine
+/// cannot swap it; `name` itself when there is no tag file.
+pub fn pinned(name: &str) -> String {
+    let repository = name.split(':').next().unwrap_or(name);
+    let tag_file = cmd::workspace_root().join("target/images").join(format!(
+        "{}.tag",
+        repository.rsplit('/').next().unwrap_or(repository)
+    ));
+    fs::read_to_string(tag_file)
+        .map(|tag| tag.trim().to_owned())
+        .ok()
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or_else(|| name.to_owned())
+}
+
 pub fn ensure_built() -> anyhow::Result<()> {
     build_nginx()?;
     build_curl()?;

@@ -82,7 +82,7 @@ impl Backends {
         for i in 1..=2 {
             let name = format!("bench-{}-nginx-{i}", self.run);
             let label = format!("aliyun.routing.port_80={}", self.domain);
-            let container = self.start(&name, images::NGINX, &[&label])?;
+            let container = self.start(&name, &images::pinned(images::NGINX), &[&label])?;
             wait_ready(SocketAddr::from((container.ip, 80)), &name)?;
             self.replicas.push(container);
         }
@@ -104,7 +104,12 @@ impl Backends {
                 "aliyun.routing.port_{WHOAMI_PORT}=tcp://{}:{whoami_router_port}",
                 self.whoami_domain
             );
-            let container = self.start(&name, images::BACKEND, &[&label, &whoami_label])?;
+            // This checkout's backend: the whoami listener is newer than some images around.
+            let container = self.start(
+                &name,
+                &images::pinned(images::BACKEND),
+                &[&label, &whoami_label],
+            )?;
             wait_ready(SocketAddr::from((container.ip, ECHO_PORT)), &name)?;
             wait_ready(SocketAddr::from((container.ip, WHOAMI_PORT)), &name)?;
             self.echo = Some(Echo {
