@@ -210,7 +210,7 @@ fn load_kernel(config: &Config) -> anyhow::Result<(Option<KernelOffload>, Option
              included (no socket-level balancing)"
         ),
         (Err(e), Ok(_)) => {
-            warn!("kernel offload unavailable ({e:#}); forwarding everything in userspace")
+            warn!("kernel offload unavailable ({e:#}); forwarding everything in userspace");
         }
         (Ok(_), Err(e)) => warn!(
             "socket-level balancing unavailable ({e:#}); tcp routes are served by the userspace \

@@ -180,8 +180,7 @@ impl Kernel {
         let mut state = KernelState::default();
         for item in &self.frontends {
             let (frontend, route) = item.context("reading SLB_FRONTENDS")?;
-            // Route ids are ports; anything else was not written by an agent and is dropped
-            // by the next plan only if it is representable, so skip it here.
+            // Route ids are ports: no agent writes a larger one.
             if let Ok(route) = u16::try_from(route) {
                 state.frontends.insert(frontend_addr(frontend), route);
             }

@@ -57,6 +57,9 @@ struct Inner {
     /// What the maps hold (as far as this agent wrote them).
     state: KernelState,
     role: Role,
+    /// Whether the links run this build's programs (set by the first pass that got there; a
+    /// pass that failed before retries).
+    programs_ready: bool,
     /// Routes left to userspace, and why.
     userspace: BTreeMap<u16, &'static str>,
     /// Counts of routes whose map entries were deleted (the metric stays monotonic).
@@ -73,6 +76,112 @@ enum Role {
     Superseded {
         by_pid: u32,
     },
+}
+
+impl Inner {
+    /// Claims the maps on the first pass (reading what they hold as the starting point), and
+    /// on later ones checks that no successor claimed them since. Call it under the lock.
+    fn hold_ownership(&mut self) -> anyhow::Result<bool> {
+        if self.role == Role::Waiting {
+            let previous = self.kernel.claim()?;
+            self.state = self.kernel.read_state()?;
+            self.role = Role::Owner;
+            if let Some(pid) = previous {
+                info!(
+                    "socket-level balancing: took over the pinned maps from agent {pid} ({} \
+                     route(s), {} frontend(s))",
+                    self.state.routes.len(),
+                    self.state.frontends.len()
+                );
+            }
+        } else if let Err(pid) = self.kernel.check_owner()? {
+            self.role = Role::Superseded { by_pid: pid };
+        }
+        Ok(self.role == Role::Owner)
+    }
+
+    /// Writes the planned updates; returns the failures. Each failed update is left for the
+    /// next pass: any map miss leaves connects to the userspace listener, so the updates
+    /// after it are still safe.
+    fn write(&mut self, ops: &[Op]) -> Vec<String> {
+        let mut failed = Vec::new();
+        for op in ops {
+            if let Op::DeleteRoute { port } = op {
+                let last = self.kernel.stats(*port);
+                let retired = self.retired.entry(*port).or_default();
+                retired.connects += last.connects;
+                retired.refused += last.refused;
+            }
+            match self.kernel.apply(op) {
+                Ok(()) => self.state.apply(op),
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        if !ops.is_empty() {
+            debug!(
+                updates = ops.len(),
+                failed = failed.len(),
+                "socket-level balancing: maps updated"
+            );
+        }
+        failed
+    }
+
+    /// Attaches, adopts or replaces the programs (once the maps hold this agent's routes) and
+    /// removes pins nothing uses any more.
+    fn attach_programs(&mut self) -> anyhow::Result<()> {
+        let outcome = self.kernel.ensure_programs()?;
+        self.programs_ready = true;
+        let stale = self.kernel.remove_stale();
+        let build = self.kernel.build;
+        let what = match outcome {
+            Programs::Adopted => {
+                format!("adopted the pinned programs of this build ({build:016x})")
+            }
+            Programs::Attached => format!("attached the programs (build {build:016x})"),
+            Programs::Replaced { old_build } => format!(
+                "replaced the pinned programs of build {old_build:016x} with this build's \
+                 ({build:016x}) in place"
+            ),
+        };
+        info!(
+            cgroup = %self.kernel.cgroup().display(),
+            "socket-level balancing: {what}; {} tcp route(s) in the kernel, frontends on {:?}",
+            self.state.routes.len(),
+            self.addresses
+        );
+        if !stale.is_empty() {
+            info!("socket-level balancing: removed stale pins {stale:?}");
+        }
+        Ok(())
+    }
+}
+
+/// The routes the kernel should serve (port -> slot list), fitted to the maps, and those left
+/// to userspace with the reason.
+fn wanted_routes(
+    table: &RoutingTable,
+    addresses: usize,
+) -> (
+    BTreeMap<u16, Vec<std::net::SocketAddrV4>>,
+    BTreeMap<u16, &'static str>,
+) {
+    let mut routes = BTreeMap::new();
+    let mut userspace = BTreeMap::new();
+    for (port, plan) in slots::plan_routes(table) {
+        match plan {
+            RoutePlan::Kernel { slots } => {
+                routes.insert(port, slots);
+            }
+            RoutePlan::Userspace { reason } => {
+                userspace.insert(port, reason);
+            }
+        }
+    }
+    for port in state::fit(&mut routes, addresses) {
+        userspace.insert(port, MAPS_FULL);
+    }
+    (routes, userspace)
 }
 
 /// One `tcp://` route as `/api/routes` shows it.
@@ -119,6 +228,7 @@ impl SocketLb {
                 kernel,
                 state: KernelState::default(),
                 role: Role::Waiting,
+                programs_ready: false,
                 userspace: BTreeMap::new(),
                 retired: BTreeMap::new(),
                 addresses: BTreeSet::new(),
@@ -162,99 +272,27 @@ impl SocketLb {
     }
 
     /// One pass: plan from the table and addresses, write what changed. The first pass claims
-    /// the maps, then attaches, adopts or replaces the programs.
+    /// the maps; the first that has written them attaches, adopts or replaces the programs.
     fn sync(&self, table: &RoutingTable) -> anyhow::Result<Role> {
         let addresses = frontend_addresses(
             &self.listen,
             &sys::local_ipv4_addresses().context("listing the local addresses")?,
         );
-        let mut guard = self.lock();
-        let inner = &mut *guard;
+        let mut inner = self.lock();
         if let Role::Superseded { .. } = inner.role {
             return Ok(inner.role);
         }
         let _lock = inner.kernel.lock()?;
-        let first = inner.role == Role::Waiting;
-        if first {
-            let previous = inner.kernel.claim()?;
-            inner.state = inner.kernel.read_state()?;
-            inner.role = Role::Owner;
-            if let Some(pid) = previous {
-                info!(
-                    "socket-level balancing: took over the pinned maps from agent {pid} ({} \
-                     route(s), {} frontend(s))",
-                    inner.state.routes.len(),
-                    inner.state.frontends.len()
-                );
-            }
-        } else if let Err(pid) = inner.kernel.check_owner()? {
-            inner.role = Role::Superseded { by_pid: pid };
+        if !inner.hold_ownership()? {
             return Ok(inner.role);
         }
-
-        let mut routes = BTreeMap::new();
-        let mut userspace = BTreeMap::new();
-        for (port, plan) in slots::plan_routes(table) {
-            match plan {
-                RoutePlan::Kernel { slots } => {
-                    routes.insert(port, slots);
-                }
-                RoutePlan::Userspace { reason } => {
-                    userspace.insert(port, reason);
-                }
-            }
-        }
-        for port in state::fit(&mut routes, addresses.len()) {
-            userspace.insert(port, MAPS_FULL);
-        }
+        let (routes, userspace) = wanted_routes(table, addresses.len());
         let ops = state::plan(&inner.state, &routes, &addresses);
-        let mut failed = Vec::new();
-        for op in &ops {
-            if let Op::DeleteRoute { port } = op {
-                let last = inner.kernel.stats(*port);
-                let retired = inner.retired.entry(*port).or_default();
-                retired.connects += last.connects;
-                retired.refused += last.refused;
-            }
-            match inner.kernel.apply(op) {
-                Ok(()) => inner.state.apply(op),
-                // Any map miss leaves connects to the userspace listener, so the other updates
-                // are still safe; the next pass retries this one.
-                Err(e) => failed.push(format!("{e:#}")),
-            }
-        }
-        if !ops.is_empty() {
-            debug!(
-                updates = ops.len(),
-                failed = failed.len(),
-                "socket-level balancing: maps updated"
-            );
-        }
+        let failed = inner.write(&ops);
         inner.userspace = userspace;
         inner.addresses = addresses;
-        if first {
-            let outcome = inner.kernel.ensure_programs()?;
-            let stale = inner.kernel.remove_stale();
-            let build = inner.kernel.build;
-            let what = match outcome {
-                Programs::Adopted => {
-                    format!("adopted the pinned programs of this build ({build:016x})")
-                }
-                Programs::Attached => format!("attached the programs (build {build:016x})"),
-                Programs::Replaced { old_build } => format!(
-                    "replaced the pinned programs of build {old_build:016x} with this build's \
-                     ({build:016x}) in place"
-                ),
-            };
-            info!(
-                cgroup = %inner.kernel.cgroup().display(),
-                "socket-level balancing: {what}; {} tcp route(s) in the kernel, frontends on {:?}",
-                inner.state.routes.len(),
-                inner.addresses
-            );
-            if !stale.is_empty() {
-                info!("socket-level balancing: removed stale pins {stale:?}");
-            }
+        if !inner.programs_ready {
+            inner.attach_programs()?;
         }
         if let Some(first_failure) = failed.first() {
             anyhow::bail!(
@@ -270,13 +308,16 @@ impl SocketLb {
     pub fn route_status(&self, port: u16) -> RouteStatus {
         let inner = self.lock();
         let counts = Self::counts(&inner, port);
-        let served = inner.role == Role::Owner && inner.state.serves(port);
+        let served = inner.role == Role::Owner && inner.programs_ready && inner.state.serves(port);
         let reason = if served {
             None
         } else {
             Some(match inner.role {
                 Role::Waiting => "the agent is not ready yet".to_owned(),
                 Role::Superseded { by_pid } => format!("agent {by_pid} writes the maps now"),
+                Role::Owner if !inner.programs_ready => {
+                    "the programs are not attached yet (see the log)".to_owned()
+                }
                 Role::Owner => inner
                     .userspace
                     .get(&port)
@@ -311,7 +352,7 @@ impl SocketLb {
         Summary {
             cgroup: inner.kernel.cgroup().to_owned(),
             frontend_addresses: inner.addresses.iter().copied().collect(),
-            owner: inner.role == Role::Owner,
+            owner: inner.role == Role::Owner && inner.programs_ready,
             build: format!("{:016x}", inner.kernel.build),
         }
     }
@@ -410,7 +451,8 @@ pub fn frontend_addresses(listen: &[IpAddr], local: &[Ipv4Addr]) -> BTreeSet<Ipv
     out
 }
 
-/// Where uninstall reports go: the pins `router-agent uninstall` removed.
+/// `router-agent uninstall`: removes everything pinned under `pin_path` and says what it
+/// removed.
 pub fn uninstall_report(pin_path: &Path) -> anyhow::Result<String> {
     let removed = uninstall(pin_path)?;
     Ok(if removed.is_empty() {
