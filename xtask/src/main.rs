@@ -116,7 +116,11 @@ enum ClusterAction {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
-        Command::BuildEbpf => build::ebpf().map(|path| println!("{}", path.display())),
+        Command::BuildEbpf => build::ebpf().map(|paths| {
+            for path in paths {
+                println!("{}", path.display());
+            }
+        }),
         Command::Demo { seconds } => {
             setup::run()?;
             demo::run(seconds)
