@@ -584,6 +584,73 @@ fn restart_under_load(first_agent_env: &[&str]) -> (Agent, Vec<Attempt>) {
     (new, attempts)
 }
 
+/// The other order (Swarm's `start-first`, `tests/tests/restart.rs`): the successor starts on
+/// the same ports and pins while the old agent still runs, claims the maps once ready, and the
+/// old one stops writing them before it is stopped.
+#[test]
+fn socket_lb_a_successor_started_first_takes_the_maps_over_without_a_failed_connect() {
+    let mut old = Agent::start(&[]);
+    let route = WhoamiRoute::new();
+    let backends = [route.backend(&[]), route.backend(&[])];
+    wait_kernel_serves(&old, route.port, &[&backends[0], &backends[1]]);
+    let client = BackgroundClient::start(&[
+        "connect",
+        &route.frontend(),
+        "--count",
+        "0",
+        "--interval-ms",
+        "2",
+        "--timeout-ms",
+        "1000",
+    ]);
+    wait_for("connects flowing", Duration::from_secs(10), || {
+        client.attempts().len() >= 20
+    });
+    let pins = old.release_pins();
+    let new = Agent::start_with_pins(old.port, old.admin, pins, &[], &[]);
+    wait_kernel_serves(&new, route.port, &[&backends[0], &backends[1]]);
+    // The old agent notices at its next pass (a routing change or the 5 s address refresh).
+    wait_for(
+        "the old agent to stop writing the maps",
+        Duration::from_secs(10),
+        || {
+            old.log()
+                .contains("took the pinned maps over; this one no longer writes them")
+        },
+    );
+    let status = old.terminate(Duration::from_secs(20));
+    assert!(status.success(), "the old agent exited cleanly: {status}");
+    let stopped_at = unix_ms();
+    wait_for(
+        "connects after the old agent left",
+        Duration::from_secs(10),
+        || {
+            client
+                .attempts()
+                .iter()
+                .filter(|a| a.t > stopped_at)
+                .count()
+                >= 20
+        },
+    );
+    let attempts = client.finish();
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.outcome.is_err()).collect();
+    println!(
+        "{} connects across the handover, {} failed",
+        attempts.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed connects: {failed:?}");
+    assert!(
+        new.log().contains("took over the pinned maps from agent")
+            && new
+                .log()
+                .contains("adopted the pinned programs of this build"),
+        "{}",
+        new.log()
+    );
+}
+
 #[test]
 fn socket_lb_connects_never_fail_while_the_agent_restarts() {
     let (new, _) = restart_under_load(&[]);
