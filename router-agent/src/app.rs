@@ -20,7 +20,7 @@ use crate::{
     metrics::Metrics,
     proxy::{self, Phase, ProxyContext},
     registry::{Message, Published, Registry, RegistrySettings},
-    socket_lb::SocketLb,
+    socket_lb::{self, SocketLb},
 };
 
 /// The longest the agent waits for its first Docker sync and first health checks before it
@@ -194,6 +194,23 @@ fn load_kernel(config: &Config) -> anyhow::Result<(Option<KernelOffload>, Option
     };
     let socket_lb = if config.socket_lb.mode == SocketLbMode::Off {
         info!("socket-level balancing off (--socket-lb off): tcp routes are served in userspace");
+        // Off means off: programs an earlier agent pinned here would go on balancing.
+        let pins = &config.socket_lb.pin_path;
+        match socket_lb::uninstall(pins) {
+            Ok(removed) if !removed.is_empty() => info!(
+                "socket-level balancing off: detached the programs an earlier agent pinned \
+                 under {} ({} pin(s) removed)",
+                pins.display(),
+                removed.len()
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(
+                "socket-level balancing off, but what an earlier agent pinned under {} stays: \
+                 {e:#}; run `router-agent uninstall --pin-path {}` as root",
+                pins.display(),
+                pins.display()
+            ),
+        }
         Ok(None)
     } else {
         SocketLb::open(&config.socket_lb, &config.listen).map(|lb| Some(Arc::new(lb)))

@@ -766,3 +766,42 @@ fn socket_lb_an_unprivileged_agent_serves_tcp_routes_in_userspace() {
     }
     assert_eq!(accepted(&agent) - accepted_before, 5);
 }
+
+#[test]
+fn socket_lb_off_detaches_what_an_earlier_agent_pinned() {
+    let mut old = Agent::start(&[]);
+    let route = WhoamiRoute::new();
+    let backend = route.backend(&[]);
+    wait_kernel_serves(&old, route.port, &[&backend]);
+    let pins = old.release_pins();
+    let (port, admin) = (old.port, old.admin);
+    old.terminate(Duration::from_secs(20));
+    let ours: Vec<String> = attached_programs();
+    assert!(!ours.is_empty(), "pinned programs outlive the agent");
+
+    let off = Agent::start_with_pins(port, admin, pins.clone(), &[], &["--socket-lb", "off"]);
+    assert!(
+        off.log()
+            .contains("detached the programs an earlier agent pinned"),
+        "{}",
+        off.log()
+    );
+    assert!(!pins.exists(), "{} is gone", pins.display());
+    assert!(
+        attached_programs().iter().all(|id| !ours.contains(id)),
+        "nothing of the earlier agent stays attached"
+    );
+    wait_for("the route up", Duration::from_secs(20), || {
+        tcp_route(&off, route.port)
+            .is_some_and(|r| r["backends"][0]["state"] == "up" && r["kernel"]["served"] == false)
+    });
+    let attempts = connect_from_container(&route.frontend(), 3);
+    for attempt in &attempts {
+        let reached = attempt.outcome.as_ref().expect("connects succeed");
+        assert_eq!(
+            ip_of(&reached.seen_by_backend),
+            gateway(),
+            "through the agent's listener"
+        );
+    }
+}
