@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod registry;
+pub mod socket_lb;
 pub mod table;

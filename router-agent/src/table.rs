@@ -76,8 +76,19 @@ pub struct Backend {
 
 impl Backend {
     /// Whether the balancer may hand it new requests.
-    fn takes_new_traffic(&self) -> bool {
+    pub fn takes_new_traffic(&self) -> bool {
         self.state == BackendState::Up && self.weight > 0
+    }
+
+    /// Whether the kernel can send a client's `connect()` straight to this backend
+    /// (socket-level balancing, `socket_lb`). Not for loopback addresses (a host-network
+    /// container is at 127.0.0.1, which in a client container's own namespace is the client
+    /// itself) nor IPv6 (the hook is `connect4`). Backends reachable only through another
+    /// node's agent must answer false here: a route with such a backend is then served from
+    /// userspace, for every client.
+    pub fn kernel_reachable(&self) -> bool {
+        self.via.is_none()
+            && matches!(self.addr, SocketAddr::V4(v4) if !v4.ip().is_loopback() && !v4.ip().is_unspecified())
     }
 }
 

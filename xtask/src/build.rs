@@ -6,8 +6,9 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// `cargo xtask build-ebpf`: the same nightly build aya-build runs from the agent's build script,
-/// into `target/ebpf`.
-pub fn ebpf() -> anyhow::Result<PathBuf> {
+/// into `target/ebpf`. Returns the objects: the tunnel verdict program and socket-level
+/// balancing.
+pub fn ebpf() -> anyhow::Result<Vec<PathBuf>> {
     let root = cmd::workspace_root();
     let target_dir = root.join("target/ebpf");
     let status = Command::new("rustup")
@@ -39,7 +40,8 @@ pub fn ebpf() -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("building router-ebpf failed ({status}); `cargo xtask setup` installs what it needs");
     }
-    Ok(target_dir.join("bpfel-unknown-none/release/router"))
+    let objects = target_dir.join("bpfel-unknown-none/release");
+    Ok(vec![objects.join("router"), objects.join("socket-lb")])
 }
 
 /// Release build of every host crate at once: the agent, the test backend, the tests.

@@ -63,7 +63,7 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
         /// Only these scenarios, comma-separated: small-keepalive, small-new-connection, 16k,
-        /// 1m, tunnel (with --splice-sweep: sweep-4k, sweep-16k, sweep-64k, sweep-256k,
+        /// 1m, tunnel, tcp-stream, tcp-connect (with --splice-sweep: sweep-4k, sweep-16k, sweep-64k, sweep-256k,
         /// sweep-1m; with --pipe-sweep: sweep-256k, sweep-1m, tunnel).
         #[arg(long, value_delimiter = ',')]
         scenarios: Vec<String>,
@@ -123,7 +123,11 @@ enum ClusterAction {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
-        Command::BuildEbpf => build::ebpf().map(|path| println!("{}", path.display())),
+        Command::BuildEbpf => build::ebpf().map(|paths| {
+            for path in paths {
+                println!("{}", path.display());
+            }
+        }),
         Command::Demo { seconds } => {
             setup::run()?;
             demo::run(seconds)

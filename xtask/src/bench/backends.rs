@@ -19,6 +19,8 @@ use crate::{cmd, images};
 const RUN_LABEL: &str = "router.bench";
 /// The test backend's raw TCP echo port.
 const ECHO_PORT: u16 = 7000;
+/// The test backend's whoami port (reads a line, answers, closes first).
+const WHOAMI_PORT: u16 = 7003;
 
 pub struct Container {
     pub id: String,
@@ -31,6 +33,8 @@ pub struct Backends {
     pub domain: String,
     /// Domain of the echo's `tcp://` route.
     pub tunnel_domain: String,
+    /// Domain of the whoami's `tcp://` route (same container).
+    pub whoami_domain: String,
     pub replicas: Vec<Container>,
     pub echo: Option<Echo>,
     created: Vec<String>,
@@ -40,11 +44,17 @@ pub struct Echo {
     pub container: Container,
     /// The port the router listens on for the echo's `tcp://` route (127.0.0.1).
     pub router_port: u16,
+    /// The port of the whoami's `tcp://` route.
+    pub whoami_router_port: u16,
 }
 
 impl Echo {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((self.container.ip, ECHO_PORT))
+    }
+
+    pub fn whoami_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.container.ip, WHOAMI_PORT))
     }
 }
 
@@ -56,6 +66,7 @@ impl Backends {
         Ok(Self {
             domain: format!("bench-{run}.local"),
             tunnel_domain: format!("bench-{run}-tunnel.local"),
+            whoami_domain: format!("bench-{run}-whoami.local"),
             run,
             replicas: Vec::new(),
             echo: None,
@@ -71,49 +82,59 @@ impl Backends {
         for i in 1..=2 {
             let name = format!("bench-{}-nginx-{i}", self.run);
             let label = format!("aliyun.routing.port_80={}", self.domain);
-            let container = self.start(&name, images::NGINX, &label)?;
+            let container = self.start(&name, &images::pinned(images::NGINX), &[&label])?;
             wait_ready(SocketAddr::from((container.ip, 80)), &name)?;
             self.replicas.push(container);
         }
         Ok(())
     }
 
-    /// Starts the TCP echo with a `tcp://` route on a free router port (once).
+    /// Starts the test backend with `tcp://` routes to its echo and its whoami, each on a free
+    /// router port (once).
     pub fn start_echo(&mut self) -> anyhow::Result<&Echo> {
         if self.echo.is_none() {
             let router_port = system::free_port()?;
+            let whoami_router_port = system::free_port()?;
             let name = format!("bench-{}-echo", self.run);
             let label = format!(
                 "aliyun.routing.port_{ECHO_PORT}=tcp://{}:{router_port}",
                 self.tunnel_domain
             );
-            let container = self.start(&name, images::BACKEND, &label)?;
+            let whoami_label = format!(
+                "aliyun.routing.port_{WHOAMI_PORT}=tcp://{}:{whoami_router_port}",
+                self.whoami_domain
+            );
+            // This checkout's backend: the whoami listener is newer than some images around.
+            let container = self.start(
+                &name,
+                &images::pinned(images::BACKEND),
+                &[&label, &whoami_label],
+            )?;
             wait_ready(SocketAddr::from((container.ip, ECHO_PORT)), &name)?;
+            wait_ready(SocketAddr::from((container.ip, WHOAMI_PORT)), &name)?;
             self.echo = Some(Echo {
                 container,
                 router_port,
+                whoami_router_port,
             });
         }
         self.echo.as_ref().context("echo container")
     }
 
-    fn start(&mut self, name: &str, image: &str, route_label: &str) -> anyhow::Result<Container> {
+    fn start(
+        &mut self,
+        name: &str,
+        image: &str,
+        route_labels: &[&str],
+    ) -> anyhow::Result<Container> {
         let run_label = format!("{RUN_LABEL}={}", self.run);
-        let id = cmd::output(
-            cmd::docker(),
-            &[
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--label",
-                &run_label,
-                "--label",
-                route_label,
-                image,
-            ],
-        )
-        .with_context(|| format!("starting container {name} from {image}"))?;
+        let mut args = vec!["run", "-d", "--name", name, "--label", &run_label];
+        for label in route_labels {
+            args.extend_from_slice(&["--label", label]);
+        }
+        args.push(image);
+        let id = cmd::output(cmd::docker(), &args)
+            .with_context(|| format!("starting container {name} from {image}"))?;
         self.created.push(id.clone());
         let ips = cmd::output(
             cmd::docker(),
