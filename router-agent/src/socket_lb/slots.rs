@@ -151,6 +151,7 @@ mod tests {
             weight,
             state,
             stats: Arc::default(),
+            via: None,
         }
     }
 
@@ -196,6 +197,15 @@ mod tests {
                     backend("127.0.0.1:6379", Down, 100),
                 ],
             ),
+            tcp(
+                1005,
+                vec![{
+                    // Another node's container: reached through that node's agent only.
+                    let mut remote = backend("198.19.20.3:6379", Up, 100);
+                    remote.via = Some("198.19.100.2:9191".parse().unwrap());
+                    remote
+                }],
+            ),
             tcp(1004, vec![backend("[fd00::2]:6379", Up, 100)]),
         ]);
         let a = |s: &str| s.parse::<SocketAddrV4>().unwrap();
@@ -226,6 +236,12 @@ mod tests {
             ),
             (
                 1004,
+                RoutePlan::Userspace {
+                    reason: NOT_DIRECTLY_REACHABLE,
+                },
+            ),
+            (
+                1005,
                 RoutePlan::Userspace {
                     reason: NOT_DIRECTLY_REACHABLE,
                 },
