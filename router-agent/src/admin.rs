@@ -264,7 +264,7 @@ fn cluster_json(state: &AdminState) -> String {
 }
 
 /// 200 while the agent serves normally; 503 while it is starting (before its first Docker
-/// sync), overloaded (connection limit reached or descriptors exhausted in the last seconds),
+/// sync and until its listeners are bound), overloaded (connection limit reached or descriptors exhausted in the last seconds),
 /// or stopping, so that whatever watches it can tell.
 fn healthz(state: &AdminState) -> (u16, &'static str, String) {
     let ready = *state.published().ready.borrow();
@@ -272,7 +272,7 @@ fn healthz(state: &AdminState) -> (u16, &'static str, String) {
     let overloaded = state.proxy.admission.overloaded();
     let status = match (ready, phase, overloaded) {
         (_, Phase::HandingOver | Phase::Draining, _) => "stopping",
-        (false, _, _) => "starting",
+        (false, _, _) | (_, Phase::Starting, _) => "starting",
         (true, Phase::Serving, Some(_)) => "overloaded",
         (true, Phase::Serving, None) => "ok",
     };

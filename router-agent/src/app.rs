@@ -65,7 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Starting);
     let offload = offload.map(Arc::new);
     // Pipes cost two descriptors each: half the connection limit keeps them within the budget
     // `config::default_max_connections` reserves.
@@ -123,6 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(proxy::serve_tcp_routes(ctx.clone(), route_addresses));
     proxy::spawn_workers(&ctx, &config.listen, config.workers)?;
+    phase_tx.send_replace(Phase::Serving);
     info!(
         max_connections = config.max_connections,
         "serving; SIGTERM hands over to a successor on the same ports, then drains"

@@ -74,7 +74,8 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     if std::env::var_os("ROUTER_SKIP_CLUSTER").is_none() {
         bring_up_cluster();
     }
-    let mut args = vec!["test", "--release", "--", "--test-threads=1"];
+    // Every test binary runs even after one fails, so that one run reports every failure.
+    let mut args = vec!["test", "--release", "--no-fail-fast", "--", "--test-threads=1"];
     args.extend(extra.iter().map(String::as_str));
     let status = Command::new("cargo")
         .args(&args)

@@ -69,6 +69,9 @@ pub struct ProxyContext {
 /// The agent's life after start, as the data path sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Listeners are not bound yet (first sync, first checks, cluster peers): `/healthz` says
+    /// `starting` so that nothing sends traffic to ports that would refuse it.
+    Starting,
     Serving,
     /// SIGTERM came: connections are no longer kept alive, but new ones are still accepted
     /// until a successor listens (or the handover timeout passes).
@@ -80,7 +83,7 @@ pub enum Phase {
 impl Phase {
     /// Connections end after their current request.
     pub fn stopping(self) -> bool {
-        self != Self::Serving
+        matches!(self, Self::HandingOver | Self::Draining)
     }
 }
 
