@@ -20,12 +20,15 @@ use crate::{
     metrics::DatapathCounters,
     proxy::{Phase, Pool, ProxyContext, TunnelKind},
     registry::Published,
+    socket_lb::{self, SocketLb},
     table::Route,
 };
 
 /// The admin API reads what the data path shares.
 pub struct AdminState {
     pub proxy: Arc<ProxyContext>,
+    /// Socket-level balancing, when it loaded.
+    pub socket_lb: Option<Arc<SocketLb>>,
 }
 
 impl AdminState {
@@ -90,15 +93,20 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             ),
         },
         Some("/healthz") => healthz(state),
+        Some("/api/cluster") => (200, "application/json", cluster_json(state)),
         Some("/metrics") => (
             200,
             "text/plain; version=0.0.4",
-            state.proxy.metrics.render() + &state.proxy.render_state_metrics(),
+            state.proxy.metrics.render()
+                + &state.proxy.render_state_metrics()
+                + &state.socket_lb.as_ref().map_or_else(String::new, |lb| {
+                    lb.render_metrics(&state.published().table.load())
+                }),
         ),
         Some(_) => (
             404,
             "application/json",
-            json!({"error": "not found; try /api/routes, /api/containers, /healthz, /metrics"})
+            json!({"error": "not found; try /api/routes, /api/containers, /api/cluster, /healthz, /metrics"})
                 .to_string(),
         ),
         None => (
@@ -126,6 +134,9 @@ struct RouteJson<'a> {
     listen_port: Option<u16>,
     internal: bool,
     sticky: bool,
+    /// tcp routes: whether the kernel balances their connects (socket-level balancing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel: Option<socket_lb::RouteStatus>,
     backends: Vec<BackendJson<'a>>,
 }
 
@@ -156,6 +167,8 @@ struct DatapathJson {
     splice_threshold: Option<u64>,
     /// Capacity of each splice pipe, as granted by the kernel.
     pipe_size: usize,
+    /// Socket-level balancing of tcp routes (`null`: off or unavailable).
+    socket_lb: Option<socket_lb::Summary>,
     #[serde(flatten)]
     counters: DatapathCounters,
 }
@@ -165,7 +178,7 @@ fn routes_json(state: &AdminState) -> String {
     let routes: Vec<RouteJson<'_>> = table
         .routes()
         .into_iter()
-        .map(|r| route_json(r, &state.proxy.pool))
+        .map(|r| route_json(r, state))
         .collect();
     json!({
         "routes": routes,
@@ -177,13 +190,15 @@ fn routes_json(state: &AdminState) -> String {
             websocket_tunnels: state.proxy.tunnel_path(TunnelKind::WebSocket, false).name(),
             splice_threshold: state.proxy.splice_threshold(),
             pipe_size: state.proxy.pipes.granted_size(),
+            socket_lb: state.socket_lb.as_ref().map(|lb| lb.summary()),
             counters: state.proxy.metrics.datapath(),
         },
     })
     .to_string()
 }
 
-fn route_json<'a>(route: &'a Route, pool: &Pool) -> RouteJson<'a> {
+fn route_json<'a>(route: &'a Route, state: &AdminState) -> RouteJson<'a> {
+    let pool: &Pool = &state.proxy.pool;
     RouteJson {
         domain: &route.domain,
         path: if route.listen_port.is_some() {
@@ -195,6 +210,16 @@ fn route_json<'a>(route: &'a Route, pool: &Pool) -> RouteJson<'a> {
         listen_port: route.listen_port,
         internal: route.internal,
         sticky: route.sticky,
+        kernel: route.listen_port.map(|port| match &state.socket_lb {
+            Some(lb) => lb.route_status(port),
+            None => socket_lb::RouteStatus {
+                served: false,
+                generation: None,
+                connects: 0,
+                refused: 0,
+                reason: Some("socket-level balancing is off or unavailable (see the log)".into()),
+            },
+        }),
         backends: route
             .backends
             .iter()
@@ -233,8 +258,16 @@ async fn containers_json(state: &AdminState) -> Option<String> {
     )
 }
 
+/// This agent's place in the cluster (`{"mode":"single-host"}` outside a Swarm).
+fn cluster_json(state: &AdminState) -> String {
+    match state.proxy.cluster.get() {
+        Some(cluster) => json!({"mode": "cluster", "cluster": &**cluster}).to_string(),
+        None => json!({"mode": "single-host"}).to_string(),
+    }
+}
+
 /// 200 while the agent serves normally; 503 while it is starting (before its first Docker
-/// sync), overloaded (connection limit reached or descriptors exhausted in the last seconds),
+/// sync and until its listeners are bound), overloaded (connection limit reached or descriptors exhausted in the last seconds),
 /// or stopping, so that whatever watches it can tell.
 fn healthz(state: &AdminState) -> (u16, &'static str, String) {
     let ready = *state.published().ready.borrow();
@@ -242,7 +275,7 @@ fn healthz(state: &AdminState) -> (u16, &'static str, String) {
     let overloaded = state.proxy.admission.overloaded();
     let status = match (ready, phase, overloaded) {
         (_, Phase::HandingOver | Phase::Draining, _) => "stopping",
-        (false, _, _) => "starting",
+        (false, _, _) | (_, Phase::Starting, _) => "starting",
         (true, Phase::Serving, Some(_)) => "overloaded",
         (true, Phase::Serving, None) => "ok",
     };

@@ -12,14 +12,15 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin,
-    config::{Config, DatapathMode},
+    admin, cluster,
+    config::{ClusterMode, Config, DatapathMode, SocketLbMode},
     discovery,
     ebpf::KernelOffload,
     handover,
     metrics::Metrics,
     proxy::{self, Phase, ProxyContext},
     registry::{Message, Published, Registry, RegistrySettings},
+    socket_lb::{self, SocketLb},
 };
 
 /// The longest the agent waits for its first Docker sync and first health checks before it
@@ -29,7 +30,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let offload = load_kernel_offload(config.datapath, config.max_connections)?;
+    let (offload, socket_lb) = load_kernel(&config)?;
     let published = Arc::new(Published::new(config.internal_cidrs.as_deref()));
     let metrics = Arc::new(Metrics::default());
 
@@ -52,7 +53,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(discovery::run(
         config.docker_host.clone(),
         updates_tx,
-        docker,
+        docker.clone(),
+        metrics.engine_requests.clone(),
     ));
     let to_registry = registry_tx.clone();
     tokio::spawn(async move {
@@ -63,7 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Starting);
     let offload = offload.map(Arc::new);
     // Pipes cost two descriptors each: half the connection limit keeps them within the budget
     // `config::default_max_connections` reserves.
@@ -88,9 +90,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pool: proxy::Pool::new(config.max_connections),
         pipes,
         admission: proxy::Admission::new(config.max_connections),
+        cluster: std::sync::OnceLock::new(),
     });
     tokio::spawn(proxy::maintain_pool(ctx.clone()));
-    let admin = admin::AdminState { proxy: ctx.clone() };
+    let admin = admin::AdminState {
+        proxy: ctx.clone(),
+        socket_lb: socket_lb.clone(),
+    };
     tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
     handover::enable_request_migration();
 
@@ -101,10 +107,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = terminate.recv() => return Ok(()),
         _ = interrupt.recv() => return Ok(()),
     }
+    if config.cluster == ClusterMode::Auto {
+        match cluster::start(config.cluster_listen, ctx.clone(), docker).await {
+            Ok(Some(joined)) => {
+                let _ = ctx.cluster.set(joined);
+            }
+            Ok(None) => {}
+            Err(e) => warn!("cluster mode unavailable ({e:#}); running as a single host"),
+        }
+    }
     let mut route_addresses: Vec<_> = config.listen.iter().map(SocketAddr::ip).collect();
     route_addresses.dedup();
+    if let Some(socket_lb) = &socket_lb {
+        tokio::spawn(socket_lb.clone().run(published.clone()));
+    }
     tokio::spawn(proxy::serve_tcp_routes(ctx.clone(), route_addresses));
     proxy::spawn_workers(&ctx, &config.listen, config.workers)?;
+    phase_tx.send_replace(Phase::Serving);
     info!(
         max_connections = config.max_connections,
         "serving; SIGTERM hands over to a successor on the same ports, then drains"
@@ -171,27 +190,71 @@ async fn wait_for_successor(listen: &[SocketAddr], workers: usize, deadline: Ins
     }
 }
 
-/// Loads the eBPF side unless the datapath mode excludes it. Failure is not fatal in `auto`:
-/// everything then runs in userspace.
-fn load_kernel_offload(
-    mode: DatapathMode,
-    max_connections: usize,
-) -> anyhow::Result<Option<KernelOffload>> {
-    if matches!(mode, DatapathMode::Copy | DatapathMode::Splice) {
-        info!("kernel offload off: --datapath {mode:?} keeps every byte in userspace");
-        return Ok(None);
+/// Loads the eBPF sides the configuration asks for: the `sk_skb` tunnel offload (unless the
+/// datapath mode excludes it) and socket-level balancing (unless `--socket-lb off`). What cannot
+/// load is not fatal in the `auto` modes: the agent then serves that part in userspace, and one
+/// line says what (a host without the privilege gets exactly one line for both).
+fn load_kernel(config: &Config) -> anyhow::Result<(Option<KernelOffload>, Option<Arc<SocketLb>>)> {
+    let offload = if matches!(config.datapath, DatapathMode::Copy | DatapathMode::Splice) {
+        info!(
+            "kernel offload off: --datapath {:?} keeps every byte in userspace",
+            config.datapath
+        );
+        Ok(None)
+    } else {
+        KernelOffload::load(config.max_connections).map(Some)
+    };
+    let socket_lb = if config.socket_lb.mode == SocketLbMode::Off {
+        info!("socket-level balancing off (--socket-lb off): tcp routes are served in userspace");
+        // Off means off: programs an earlier agent pinned here would go on balancing.
+        let pins = &config.socket_lb.pin_path;
+        match socket_lb::uninstall(pins) {
+            Ok(removed) if !removed.is_empty() => info!(
+                "socket-level balancing off: detached the programs an earlier agent pinned \
+                 under {} ({} pin(s) removed)",
+                pins.display(),
+                removed.len()
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(
+                "socket-level balancing off, but what an earlier agent pinned under {} stays: \
+                 {e:#}; run `router-agent uninstall --pin-path {}` as root",
+                pins.display(),
+                pins.display()
+            ),
+        }
+        Ok(None)
+    } else {
+        SocketLb::open(&config.socket_lb, &config.listen).map(|lb| Some(Arc::new(lb)))
+    };
+    if let (Err(e), DatapathMode::Sockmap) = (&offload, config.datapath) {
+        bail!("--datapath sockmap needs the eBPF programs: {e:#}");
     }
-    match KernelOffload::load(max_connections) {
-        Ok(offload) => {
-            info!("kernel offload available: sk_skb stream verdict attached to the sockhash");
-            Ok(Some(offload))
-        }
-        Err(e) if mode == DatapathMode::Sockmap => {
-            bail!("--datapath sockmap needs the eBPF programs: {e:#}")
-        }
-        Err(e) => {
+    if let (Err(e), SocketLbMode::On) = (&socket_lb, config.socket_lb.mode) {
+        bail!("--socket-lb on needs its eBPF programs: {e:#}");
+    }
+    match (&offload, &socket_lb) {
+        (Err(e), Err(_)) => warn!(
+            "kernel offload unavailable ({e:#}); forwarding everything in userspace, tcp routes \
+             included (no socket-level balancing)"
+        ),
+        (Err(e), Ok(_)) => {
             warn!("kernel offload unavailable ({e:#}); forwarding everything in userspace");
-            Ok(None)
         }
+        (Ok(_), Err(e)) => warn!(
+            "socket-level balancing unavailable ({e:#}); tcp routes are served by the userspace \
+             listener only"
+        ),
+        (Ok(_), Ok(_)) => {}
     }
+    if let Ok(Some(_)) = &offload {
+        info!("kernel offload available: sk_skb stream verdict attached to the sockhash");
+    }
+    if let Ok(Some(lb)) = &socket_lb {
+        info!(
+            cgroup = %lb.cgroup().display(),
+            "socket-level balancing loaded; it takes over the kernel maps once the agent is ready"
+        );
+    }
+    Ok((offload.ok().flatten(), socket_lb.ok().flatten()))
 }

@@ -19,6 +19,63 @@ pub enum DatapathMode {
     Sockmap,
 }
 
+/// Whether the agent joins the cluster its Docker engine belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// Cluster mode when the engine is a Swarm node, single-host mode otherwise.
+    #[default]
+    Auto,
+    /// Single-host mode whatever the engine is.
+    Off,
+}
+
+/// Socket-level balancing of `tcp://` routes (`socket_lb`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketLbMode {
+    /// On when the kernel and the agent's privileges allow it; otherwise tcp routes are served
+    /// by the userspace listener alone (one log line says so).
+    #[default]
+    Auto,
+    /// Required: the agent does not start without it.
+    On,
+    Off,
+}
+
+/// Where socket-level balancing attaches and pins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketLbSettings {
+    pub mode: SocketLbMode,
+    /// The cgroup2 directory whose processes' connects are balanced (`None`: Docker's parent
+    /// cgroup, `<cgroup2 mount>/docker`).
+    pub cgroup_path: Option<PathBuf>,
+    /// The bpffs directory where programs' links and maps stay pinned across restarts.
+    pub pin_path: PathBuf,
+}
+
+/// Default `pin_path`.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/router-agent";
+
+impl Default for SocketLbSettings {
+    fn default() -> Self {
+        Self {
+            mode: SocketLbMode::Auto,
+            cgroup_path: None,
+            pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+        }
+    }
+}
+
+/// Commands besides serving.
+#[derive(clap::Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Detach the socket-level balancing programs and remove everything pinned under the pin
+    /// path (`--pin-path`), then exit. Stop the agent first: a running agent would keep its
+    /// maps open (but no longer balance connects).
+    Uninstall,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -36,7 +93,7 @@ pub enum LogFormat {
 )]
 pub struct Cli {
     /// TOML file with the same settings (flags and environment win over it).
-    #[arg(long, env = "ROUTER_CONFIG")]
+    #[arg(long, env = "ROUTER_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Address to serve HTTP routes on (repeatable) [default: 0.0.0.0:80].
     #[arg(long, env = "ROUTER_LISTEN", value_delimiter = ',')]
@@ -63,6 +120,26 @@ pub struct Cli {
     /// HTTP worker threads, each with its own listening socket [default: one per CPU].
     #[arg(long, env = "ROUTER_WORKERS")]
     pub workers: Option<usize>,
+    /// Join the Swarm the engine belongs to [default: auto].
+    #[arg(long, env = "ROUTER_CLUSTER", value_enum)]
+    pub cluster: Option<ClusterMode>,
+    /// The cluster port, where the other nodes' agents follow this one and reach this node's
+    /// containers [default: 0.0.0.0:9191].
+    #[arg(long, env = "ROUTER_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// Socket-level balancing of tcp routes in the kernel [default: auto].
+    #[arg(long, env = "ROUTER_SOCKET_LB", value_enum)]
+    pub socket_lb: Option<SocketLbMode>,
+    /// cgroup2 directory whose processes' connects to tcp routes are balanced in the kernel
+    /// [default: `<cgroup2 mount>/docker`, every Docker container].
+    #[arg(long, env = "ROUTER_CGROUP_PATH")]
+    pub cgroup_path: Option<PathBuf>,
+    /// bpffs directory where the socket-level balancing programs and maps stay pinned
+    /// [default: /sys/fs/bpf/router-agent].
+    #[arg(long, env = "ROUTER_PIN_PATH", global = true)]
+    pub pin_path: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 /// The TOML file: the flags' names with underscores, plus tuning knobs.
@@ -77,6 +154,11 @@ struct FileConfig {
     datapath: Option<DatapathMode>,
     log_format: Option<LogFormat>,
     workers: Option<usize>,
+    cluster: Option<ClusterMode>,
+    cluster_listen: Option<SocketAddr>,
+    socket_lb: Option<SocketLbMode>,
+    cgroup_path: Option<PathBuf>,
+    pin_path: Option<PathBuf>,
     connect_timeout_ms: Option<u64>,
     header_timeout_ms: Option<u64>,
     response_timeout_ms: Option<u64>,
@@ -169,6 +251,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// HTTP worker threads.
     pub workers: usize,
+    pub cluster: ClusterMode,
+    pub cluster_listen: SocketAddr,
     pub proxy: ProxySettings,
     /// Client connections open at once (HTTP and `tcp://` routes together); more wait in the
     /// listen backlog.
@@ -177,6 +261,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// After SIGTERM, how long to keep accepting while no successor listens on our ports.
     pub handover_timeout: Duration,
+    pub socket_lb: SocketLbSettings,
 }
 
 impl Config {
@@ -215,6 +300,11 @@ impl Config {
                 .workers
                 .or(file.workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+            cluster: cli.cluster.or(file.cluster).unwrap_or_default(),
+            cluster_listen: cli
+                .cluster_listen
+                .or(file.cluster_listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], crate::cluster::DEFAULT_PORT))),
             proxy: ProxySettings {
                 connect_timeout: ms(file.connect_timeout_ms, defaults.connect_timeout),
                 header_timeout: ms(file.header_timeout_ms, defaults.header_timeout),
@@ -254,6 +344,14 @@ impl Config {
             },
             shutdown_grace: ms(file.shutdown_grace_ms, Duration::from_secs(10)),
             handover_timeout: ms(file.handover_timeout_ms, Duration::from_secs(5)),
+            socket_lb: SocketLbSettings {
+                mode: cli.socket_lb.or(file.socket_lb).unwrap_or_default(),
+                cgroup_path: cli.cgroup_path.or(file.cgroup_path),
+                pin_path: cli
+                    .pin_path
+                    .or(file.pin_path)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_PATH)),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -285,6 +383,21 @@ impl Config {
                 self.proxy.pipe_size,
                 PIPE_SIZES.start(),
                 PIPE_SIZES.end()
+            );
+        }
+        if let Some(path) = &self.socket_lb.cgroup_path
+            && !path.is_absolute()
+        {
+            bail!(
+                "cgroup_path {}: use an absolute path to a cgroup2 directory, such as \
+                 /sys/fs/cgroup/unified/docker",
+                path.display()
+            );
+        }
+        if !self.socket_lb.pin_path.is_absolute() {
+            bail!(
+                "pin_path {}: use an absolute path on bpffs, such as {DEFAULT_PIN_PATH}",
+                self.socket_lb.pin_path.display()
             );
         }
         if self.proxy.error_limit == 0 {
@@ -418,6 +531,36 @@ mod tests {
         assert!(err.contains("lower-case DNS suffix"), "{err}");
         assert!(Cli::try_parse_from(["router-agent", "--internal-cidr", "10.0.0.0/40"]).is_err());
         assert!(Cli::try_parse_from(["router-agent", "--datapath", "fast"]).is_err());
+    }
+
+    #[test]
+    fn socket_lb_settings() {
+        let defaults = Config::load(Cli::default()).unwrap().socket_lb;
+        assert_eq!(defaults, SocketLbSettings::default());
+        let cli = Cli::parse_from([
+            "router-agent",
+            "--socket-lb",
+            "off",
+            "--cgroup-path",
+            "/sys/fs/cgroup/unified/swarm",
+            "uninstall",
+            "--pin-path",
+            "/sys/fs/bpf/other",
+        ]);
+        assert_eq!(cli.command, Some(Command::Uninstall));
+        let settings = Config::load(cli).unwrap().socket_lb;
+        assert_eq!(settings.mode, SocketLbMode::Off);
+        assert_eq!(
+            settings.cgroup_path.as_deref(),
+            Some(std::path::Path::new("/sys/fs/cgroup/unified/swarm"))
+        );
+        assert_eq!(settings.pin_path, PathBuf::from("/sys/fs/bpf/other"));
+        let cli = Cli::parse_from(["router-agent", "--cgroup-path", "docker"]);
+        let err = Config::load(cli).unwrap_err().to_string();
+        assert!(
+            err.contains("use an absolute path to a cgroup2 directory"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
     pin::pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -17,7 +20,9 @@ use arc_swap::ArcSwapOption;
 use bollard::{
     Docker,
     models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum},
-    query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
+    query_parameters::{
+        EventsOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
+    },
 };
 use futures_util::StreamExt as _;
 use serde::Serialize;
@@ -83,13 +88,20 @@ pub async fn run(
     docker_host: String,
     updates: mpsc::UnboundedSender<Update>,
     handle: DockerHandle,
+    engine_requests: Arc<AtomicU64>,
 ) {
     let mut backoff = MIN_BACKOFF;
     loop {
         match connect(&docker_host).await {
             Ok(docker) => {
                 handle.store(Some(Arc::new(docker.clone())));
-                let outcome = follow(&docker, &updates).await;
+                let mut session = Session {
+                    docker: &docker,
+                    updates: &updates,
+                    swarm_networks: HashSet::new(),
+                    requests: &engine_requests,
+                };
+                let outcome = session.follow().await;
                 handle.store(None);
                 let _ = updates.send(Update::EngineConnected(false));
                 match outcome {
@@ -119,122 +131,228 @@ async fn connect(docker_host: &str) -> anyhow::Result<Docker> {
     Ok(docker.negotiate_version().await?)
 }
 
-/// One session with the engine: resync, then follow events until the stream fails.
-async fn follow(docker: &Docker, updates: &mpsc::UnboundedSender<Update>) -> anyhow::Result<()> {
-    let filters = HashMap::from([(
-        "type".to_owned(),
-        vec!["container".to_owned(), "network".to_owned()],
-    )]);
-    let events = docker.events(Some(EventsOptions {
-        filters: Some(filters),
-        ..Default::default()
-    }));
-    let mut events = pin!(events.peekable());
-    // Get the subscription in place before listing, so nothing that happens during the list
-    // is missed. The events endpoint answers at once; an event arriving now stays peeked.
-    let _ = tokio::time::timeout(Duration::from_millis(200), events.as_mut().peek()).await;
+/// The network through which a node reaches its Swarm service tasks: every task on an overlay
+/// network also has an address on it, while overlay addresses are not reachable from the
+/// node's own network namespace.
+const GATEWAY_BRIDGE: &str = "docker_gwbridge";
 
-    send_networks(docker, updates).await?;
-    let mut ids = HashSet::new();
-    let summaries = docker
-        .list_containers(Some(ListContainersOptions::default()))
-        .await?;
-    for summary in summaries {
-        let (Some(id), Some(labels)) = (summary.id, summary.labels) else {
-            continue;
-        };
-        if !labels::is_router_container(&labels) {
-            continue;
-        }
-        if let Some(info) = inspect(docker, &id).await? {
-            ids.insert(info.id.clone());
-            let _ = updates.send(Update::Container(info));
-        }
-    }
-    info!(
-        "Docker engine connected: {} labeled container(s) running",
-        ids.len()
-    );
-    let _ = updates.send(Update::Resynced { ids });
-    let _ = updates.send(Update::EngineConnected(true));
-
-    while let Some(event) = events.next().await {
-        handle_event(docker, event?, updates).await?;
-    }
-    anyhow::bail!("the event stream ended")
+/// One connection to the engine.
+struct Session<'a> {
+    docker: &'a Docker,
+    updates: &'a mpsc::UnboundedSender<Update>,
+    /// Names of the engine's Swarm-scoped (overlay) networks.
+    swarm_networks: HashSet<String>,
+    /// Requests made to the engine, for `/metrics` (the work an event costs).
+    requests: &'a AtomicU64,
 }
 
-async fn handle_event(
-    docker: &Docker,
-    event: EventMessage,
-    updates: &mpsc::UnboundedSender<Update>,
-) -> anyhow::Result<()> {
-    let action = event.action.as_deref().unwrap_or_default();
-    let actor = event.actor.unwrap_or_default();
-    let attributes = actor.attributes.unwrap_or_default();
-    match event.typ {
-        Some(EventMessageTypeEnum::CONTAINER) => {
-            let Some(id) = actor.id else { return Ok(()) };
-            // Every container event carries the labels: skip the ones that are not ours
-            // without asking the engine anything.
-            if !labels::is_router_container(&attributes) {
-                return Ok(());
+impl Session<'_> {
+    fn count(&self, requests: u64) {
+        self.requests.fetch_add(requests, Ordering::Relaxed);
+    }
+
+    /// Resync, then follow events until the stream fails.
+    async fn follow(&mut self) -> anyhow::Result<()> {
+        let filters = HashMap::from([(
+            "type".to_owned(),
+            vec!["container".to_owned(), "network".to_owned()],
+        )]);
+        let docker = self.docker;
+        let events = docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        let mut events = pin!(events.peekable());
+        // Get the subscription in place before listing, so nothing that happens during the
+        // list is missed. The events endpoint answers at once; an event arriving now stays
+        // peeked.
+        let _ = tokio::time::timeout(Duration::from_millis(200), events.as_mut().peek()).await;
+
+        self.send_networks().await?;
+        let mut ids = HashSet::new();
+        self.count(1);
+        let summaries = docker
+            .list_containers(Some(ListContainersOptions::default()))
+            .await?;
+        for summary in summaries {
+            let (Some(id), Some(labels)) = (summary.id, summary.labels) else {
+                continue;
+            };
+            if !labels::is_router_container(&labels) {
+                continue;
             }
-            container_event(docker, id, action, &attributes, updates).await
+            if let Some(info) = self.inspect(&id).await? {
+                ids.insert(info.id.clone());
+                let _ = self.updates.send(Update::Container(info));
+            }
         }
-        Some(EventMessageTypeEnum::NETWORK) => {
-            match action {
-                "connect" | "disconnect" => {
-                    if let Some(id) = attributes.get("container") {
-                        reinspect(docker, id, updates).await?;
-                    }
+        info!(
+            "Docker engine connected: {} labeled container(s) running",
+            ids.len()
+        );
+        let _ = self.updates.send(Update::Resynced { ids });
+        let _ = self.updates.send(Update::EngineConnected(true));
+
+        while let Some(event) = events.next().await {
+            self.handle_event(event?).await?;
+        }
+        anyhow::bail!("the event stream ended")
+    }
+
+    async fn handle_event(&mut self, event: EventMessage) -> anyhow::Result<()> {
+        let action = event.action.as_deref().unwrap_or_default();
+        let actor = event.actor.unwrap_or_default();
+        let attributes = actor.attributes.unwrap_or_default();
+        match event.typ {
+            Some(EventMessageTypeEnum::CONTAINER) => {
+                let Some(id) = actor.id else { return Ok(()) };
+                // Every container event carries the labels: skip the ones that are not ours
+                // without asking the engine anything.
+                if !labels::is_router_container(&attributes) {
+                    return Ok(());
                 }
-                "create" | "destroy" => send_networks(docker, updates).await?,
-                _ => {}
+                self.container_event(id, action, &attributes).await
             }
-            Ok(())
+            Some(EventMessageTypeEnum::NETWORK) => {
+                match action {
+                    "connect" | "disconnect" => {
+                        if let Some(id) = attributes.get("container") {
+                            self.reinspect(id).await?;
+                        }
+                    }
+                    "create" | "destroy" => self.send_networks().await?,
+                    _ => {}
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        _ => Ok(()),
     }
-}
 
-async fn container_event(
-    docker: &Docker,
-    id: String,
-    action: &str,
-    attributes: &HashMap<String, String>,
-    updates: &mpsc::UnboundedSender<Update>,
-) -> anyhow::Result<()> {
-    // Actions carry suffixes ("health_status: healthy", "exec_start: sh -c ..."): match the
-    // prefix.
-    let verb = action.split(':').next().unwrap_or_default().trim();
-    debug!(container = %short(&id), action, "docker event");
-    match verb {
-        "start" | "unpause" | "pause" | "rename" => reinspect(docker, &id, updates).await?,
-        "kill"
-            if attributes
-                .get("signal")
-                .is_some_and(|s| is_terminating_signal(s)) =>
-        {
-            let _ = updates.send(Update::Stopping { id });
-        }
-        "stop" => {
-            let _ = updates.send(Update::Stopping { id });
-        }
-        "die" | "destroy" => {
-            let _ = updates.send(Update::Gone { id });
-        }
-        "health_status" => {
-            if let Some(health) = action
-                .split_once(':')
-                .and_then(|(_, s)| DockerHealth::from_docker(s))
+    async fn container_event(
+        &mut self,
+        id: String,
+        action: &str,
+        attributes: &HashMap<String, String>,
+    ) -> anyhow::Result<()> {
+        // Actions carry suffixes ("health_status: healthy", "exec_start: sh -c ..."): match the
+        // prefix.
+        let verb = action.split(':').next().unwrap_or_default().trim();
+        debug!(container = %short(&id), action, "docker event");
+        let updates = self.updates;
+        match verb {
+            "start" | "unpause" | "pause" | "rename" => self.reinspect(&id).await?,
+            "kill"
+                if attributes
+                    .get("signal")
+                    .is_some_and(|s| is_terminating_signal(s)) =>
             {
-                let _ = updates.send(Update::DockerHealth { id, health });
+                let _ = updates.send(Update::Stopping { id });
+            }
+            "stop" => {
+                let _ = updates.send(Update::Stopping { id });
+            }
+            "die" | "destroy" => {
+                let _ = updates.send(Update::Gone { id });
+            }
+            "health_status" => {
+                if let Some(health) = action
+                    .split_once(':')
+                    .and_then(|(_, s)| DockerHealth::from_docker(s))
+                {
+                    let _ = updates.send(Update::DockerHealth { id, health });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn reinspect(&mut self, id: &str) -> anyhow::Result<()> {
+        match self.inspect(id).await? {
+            Some(info) if labels::is_router_container(&info.labels) => {
+                let _ = self.updates.send(Update::Container(info));
+            }
+            Some(_) => {}
+            None => {
+                let _ = self.updates.send(Update::Gone { id: id.to_owned() });
             }
         }
-        _ => {}
+        Ok(())
     }
-    Ok(())
+
+    /// The container's details, or `None` when it is not running (or no longer exists).
+    async fn inspect(&mut self, id: &str) -> anyhow::Result<Option<ContainerInfo>> {
+        self.count(1);
+        let details = match self.docker.inspect_container(id, None).await {
+            Ok(details) => details,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(mut info) = container_info(details, &self.swarm_networks) else {
+            return Ok(None);
+        };
+        if info.address.is_none()
+            && info
+                .networks
+                .iter()
+                .any(|n| self.swarm_networks.contains(&n.network))
+        {
+            info.address = self.gateway_bridge_address(&info.id).await?;
+        }
+        Ok(Some(info))
+    }
+
+    /// The container's address on the node's gateway bridge (Swarm tasks on overlay
+    /// networks have one).
+    async fn gateway_bridge_address(&self, id: &str) -> anyhow::Result<Option<IpAddr>> {
+        self.count(1);
+        let network = match self
+            .docker
+            .inspect_network(GATEWAY_BRIDGE, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(network) => network,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(network
+            .containers
+            .unwrap_or_default()
+            .get(id)
+            .and_then(|c| c.ipv4_address.as_deref())
+            .and_then(|cidr| cidr.split('/').next())
+            .and_then(|ip| ip.parse().ok()))
+    }
+
+    /// Tells the registry the subnets of the engine's networks, and remembers which are
+    /// Swarm-scoped.
+    async fn send_networks(&mut self) -> anyhow::Result<()> {
+        self.count(1);
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions::default()))
+            .await?;
+        self.swarm_networks = networks
+            .iter()
+            .filter(|n| n.scope.as_deref() == Some("swarm"))
+            .filter_map(|n| n.name.clone())
+            .collect();
+        let mut cidrs: Vec<Cidr> = networks
+            .into_iter()
+            .filter_map(|n| n.ipam?.config)
+            .flatten()
+            .filter_map(|c| c.subnet?.parse::<Cidr>().ok())
+            .collect();
+        cidrs.sort_by_key(ToString::to_string);
+        cidrs.dedup();
+        let _ = self.updates.send(Update::Networks(cidrs));
+        Ok(())
+    }
 }
 
 /// Signals that end a process by default (and so start a stop): `docker kill -s HUP` to reload
@@ -247,36 +365,11 @@ fn is_terminating_signal(signal: &str) -> bool {
     )
 }
 
-async fn reinspect(
-    docker: &Docker,
-    id: &str,
-    updates: &mpsc::UnboundedSender<Update>,
-) -> anyhow::Result<()> {
-    match inspect(docker, id).await? {
-        Some(info) if labels::is_router_container(&info.labels) => {
-            let _ = updates.send(Update::Container(info));
-        }
-        Some(_) => {}
-        None => {
-            let _ = updates.send(Update::Gone { id: id.to_owned() });
-        }
-    }
-    Ok(())
-}
-
-/// The container's details, or `None` when it is not running (or no longer exists).
-async fn inspect(docker: &Docker, id: &str) -> anyhow::Result<Option<ContainerInfo>> {
-    match docker.inspect_container(id, None).await {
-        Ok(details) => Ok(Some(details)),
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-    .map(|details| details.and_then(container_info))
-}
-
-fn container_info(details: ContainerInspectResponse) -> Option<ContainerInfo> {
+/// What the router needs of an inspected container; `None` when it is not running.
+fn container_info(
+    details: ContainerInspectResponse,
+    swarm_networks: &HashSet<String>,
+) -> Option<ContainerInfo> {
     let state = details.state.unwrap_or_default();
     if state.running != Some(true) || state.paused == Some(true) {
         return None;
@@ -303,7 +396,7 @@ fn container_info(details: ContainerInspectResponse) -> Option<ContainerInfo> {
             .map(|n| n.trim_start_matches('/').to_owned())
             .unwrap_or_default(),
         labels: details.config.and_then(|c| c.labels).unwrap_or_default(),
-        address: choose_address(host_network, &networks),
+        address: choose_address(host_network, &networks, swarm_networks),
         networks,
         docker_health: state
             .health
@@ -316,32 +409,22 @@ fn container_info(details: ContainerInspectResponse) -> Option<ContainerInfo> {
 }
 
 /// The address rule (documented in README.md): a container on the host network is reached on
-/// 127.0.0.1; otherwise the IPv4 address on the network whose name sorts first. Deterministic,
-/// so every agent and every resync picks the same one.
-pub fn choose_address(host_network: bool, sorted_networks: &[NetworkAddress]) -> Option<IpAddr> {
+/// 127.0.0.1; otherwise the IPv4 address on the node-local network whose name sorts first.
+/// Overlay (Swarm-scoped) addresses are skipped: the node cannot reach them (a task on overlay
+/// networks only is reached on its gateway-bridge address instead, see `Session::inspect`).
+/// Deterministic, so every resync picks the same one.
+pub fn choose_address<S: std::hash::BuildHasher>(
+    host_network: bool,
+    sorted_networks: &[NetworkAddress],
+    swarm_networks: &HashSet<String, S>,
+) -> Option<IpAddr> {
     if host_network {
         return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
     sorted_networks
         .iter()
+        .filter(|n| !swarm_networks.contains(&n.network))
         .find_map(|n| n.address.parse::<Ipv4Addr>().ok().map(IpAddr::V4))
-}
-
-async fn send_networks(
-    docker: &Docker,
-    updates: &mpsc::UnboundedSender<Update>,
-) -> anyhow::Result<()> {
-    let networks = docker
-        .list_networks(Some(ListNetworksOptions::default()))
-        .await?;
-    let cidrs = networks
-        .into_iter()
-        .filter_map(|n| n.ipam?.config)
-        .flatten()
-        .filter_map(|c| c.subnet?.parse::<Cidr>().ok())
-        .collect();
-    let _ = updates.send(Update::Networks(cidrs));
-    Ok(())
 }
 
 pub fn short(id: &str) -> &str {
@@ -362,18 +445,34 @@ mod tests {
     #[test]
     fn address_rule() {
         let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        assert_eq!(choose_address(true, &[]), ip("127.0.0.1"));
-        assert_eq!(choose_address(false, &[]), None);
+        let none = HashSet::new();
+        assert_eq!(choose_address(true, &[], &none), ip("127.0.0.1"));
+        assert_eq!(choose_address(false, &[], &none), None);
         assert_eq!(
             choose_address(
                 false,
-                &[net("app", "198.18.2.5"), net("bridge", "198.18.0.5")]
+                &[net("app", "198.18.2.5"), net("bridge", "198.18.0.5")],
+                &none
             ),
             ip("198.18.2.5")
         );
         assert_eq!(
-            choose_address(false, &[net("a", "fd00::5"), net("b", "198.18.0.5")]),
+            choose_address(false, &[net("a", "fd00::5"), net("b", "198.18.0.5")], &none),
             ip("198.18.0.5")
+        );
+        // Overlay addresses are not reachable from the node: skipped.
+        let overlay = HashSet::from(["app".to_owned()]);
+        assert_eq!(
+            choose_address(
+                false,
+                &[net("app", "198.19.200.5"), net("bridge", "198.18.0.5")],
+                &overlay
+            ),
+            ip("198.18.0.5")
+        );
+        assert_eq!(
+            choose_address(false, &[net("app", "198.19.200.5")], &overlay),
+            None
         );
     }
 

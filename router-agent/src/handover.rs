@@ -7,7 +7,7 @@
 //! HTTP ports than its own (`/proc/net/tcp`), or until the handover timeout, then closes its
 //! listeners. With `net.ipv4.tcp_migrate_req` on, connections still queued on a closed
 //! listener move to the successor's instead of being reset.
-use std::{fs, net::SocketAddr};
+use std::{fmt::Write as _, fs, net::SocketAddr};
 
 use tracing::{debug, info};
 
@@ -47,13 +47,11 @@ fn proc_address(addr: SocketAddr) -> String {
             .ip()
             .octets()
             .chunks(4)
-            .map(|word| {
-                format!(
-                    "{:08X}",
-                    u32::from_ne_bytes(word.try_into().expect("4-byte chunk"))
-                )
-            })
-            .collect(),
+            .fold(String::new(), |mut hex, word| {
+                let word = u32::from_ne_bytes(word.try_into().expect("4-byte chunk"));
+                let _ = write!(hex, "{word:08X}");
+                hex
+            }),
     };
     format!("{ip}:{:04X}", addr.port())
 }

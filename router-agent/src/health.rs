@@ -4,10 +4,10 @@
 //! derived from them rather than stored (Pingora's `ready = healthy && enabled`): the active
 //! probe's verdict, Docker's own HEALTHCHECK status, passive failures seen by the proxy, and
 //! whether Docker is stopping the container (draining, which is not a health verdict).
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the routing table and the admin API show for a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     /// Has a probe (ours or Docker's) that has not passed yet: no traffic.

@@ -3,18 +3,32 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use router_agent::config::{Cli, Config, LogFormat};
+use router_agent::config::{Cli, Command, Config, LogFormat};
 
 fn main() -> ExitCode {
     // Before the configuration: the default connection limit follows the descriptor limit.
     router_agent::config::raise_open_files_limit();
-    let config = match Config::load(Cli::parse()) {
+    let cli = Cli::parse();
+    let command = cli.command;
+    let config = match Config::load(cli) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("router-agent: {e:#}");
             return ExitCode::from(2);
         }
     };
+    if command == Some(Command::Uninstall) {
+        return match router_agent::socket_lb::uninstall_report(&config.socket_lb.pin_path) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("router-agent uninstall: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging(config.log_format);
     // This runtime carries the control plane (discovery, probes, admin API) and tunnels; HTTP
     // requests run on the worker threads `app::run` starts.

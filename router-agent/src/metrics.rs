@@ -3,7 +3,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -44,6 +44,8 @@ pub struct Metrics {
     pub stale_reconnects: AtomicU64,
     /// Requests that waited for a backend at its connection limit and got a 503.
     pub queue_timeouts: AtomicU64,
+    /// Requests made to the Docker engine by discovery (the work each event costs).
+    pub engine_requests: Arc<AtomicU64>,
     /// Body and head bytes moved through userspace buffers.
     pub bytes_copied: AtomicU64,
     /// Body bytes moved by splice(2).
@@ -163,6 +165,11 @@ impl Metrics {
             "router_retries_total",
             "Requests sent to another backend after a failure.",
             load(&self.retries),
+        );
+        counter(
+            "router_engine_requests_total",
+            "Requests discovery made to the Docker engine.",
+            load(&self.engine_requests),
         );
         counter(
             "router_stale_reconnects_total",

@@ -134,7 +134,7 @@ async fn tcp_check(addr: SocketAddr) -> Result<String, CheckError> {
     TcpStream::connect(addr)
         .await
         .map(|_| "connected".to_owned())
-        .map_err(|e| CheckError::io(format!("connect to {addr}"), &e))
+        .map_err(|e| CheckError::io(&format!("connect to {addr}"), &e))
 }
 
 /// Why a network check failed: the backend's fault, or the agent's own (no descriptor left).
@@ -144,7 +144,7 @@ enum CheckError {
 }
 
 impl CheckError {
-    fn io(what: String, e: &std::io::Error) -> Self {
+    fn io(what: &str, e: &std::io::Error) -> Self {
         if crate::proxy::is_fd_exhaustion(e) {
             Self::Agent(format!("{what}: {e} (the agent is out of descriptors)"))
         } else {
@@ -157,7 +157,7 @@ impl CheckError {
 async fn http_check(addr: SocketAddr, path: &str) -> Result<String, CheckError> {
     let mut stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| CheckError::io(format!("connect to {addr}"), &e))?;
+        .map_err(|e| CheckError::io(&format!("connect to {addr}"), &e))?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: router-agent-probe\r\nConnection: close\r\n\r\n"
     );

@@ -69,12 +69,26 @@ pub struct Backend {
     pub weight: u32,
     pub state: BackendState,
     pub stats: Arc<BackendStats>,
+    /// For a container of another cluster node: that node's agent, through which it is
+    /// reached (`addr` is then its address on that node, for display). `None`: on this node.
+    pub via: Option<SocketAddr>,
 }
 
 impl Backend {
     /// Whether the balancer may hand it new requests.
-    fn takes_new_traffic(&self) -> bool {
+    pub fn takes_new_traffic(&self) -> bool {
         self.state == BackendState::Up && self.weight > 0
+    }
+
+    /// Whether the kernel can send a client's `connect()` straight to this backend
+    /// (socket-level balancing, `socket_lb`). Not for loopback addresses (a host-network
+    /// container is at 127.0.0.1, which in a client container's own namespace is the client
+    /// itself) nor IPv6 (the hook is `connect4`). Backends reachable only through another
+    /// node's agent must answer false here: a route with such a backend is then served from
+    /// userspace, for every client.
+    pub fn kernel_reachable(&self) -> bool {
+        self.via.is_none()
+            && matches!(self.addr, SocketAddr::V4(v4) if !v4.ip().is_loopback() && !v4.ip().is_unspecified())
     }
 }
 
@@ -147,6 +161,11 @@ pub struct RoutingTable {
     /// Routes per domain, longest context path first.
     http: FastHashMap<String, Vec<Arc<Route>>>,
     tcp: FastHashMap<u16, Arc<Route>>,
+    /// This node's routed containers by (container id, port), for other nodes' agents that
+    /// connect through this one.
+    local: FastHashMap<(Arc<str>, u16), SocketAddr>,
+    /// Every backend's state by container id.
+    states: FastHashMap<Arc<str>, BackendState>,
 }
 
 impl RoutingTable {
@@ -162,6 +181,17 @@ impl RoutingTable {
                 RouteKey::Http { path, .. } => (path.clone(), None),
                 RouteKey::Tcp { listen_port } => (String::new(), Some(*listen_port)),
             };
+            for backend in &input.backends {
+                table
+                    .states
+                    .insert(backend.container_id.clone(), backend.state);
+                if backend.via.is_none() {
+                    table.local.insert(
+                        (backend.container_id.clone(), backend.addr.port()),
+                        backend.addr,
+                    );
+                }
+            }
             let route = Arc::new(Route {
                 internal: is_internal_domain(&input.domain),
                 domain: input.domain,
@@ -194,6 +224,19 @@ impl RoutingTable {
         let host = normalize_host(host)?;
         let routes = self.http.get(host.as_ref())?;
         routes.iter().find(|r| path_matches(&r.path, target))
+    }
+
+    /// Whether the container is still in the table in a state that finishes what it has
+    /// (`up` or `draining`).
+    pub fn still_routed(&self, id: &str) -> bool {
+        self.states
+            .get(id)
+            .is_some_and(|s| matches!(s, BackendState::Up | BackendState::Draining))
+    }
+
+    /// Where this node's container `id` serves `port`, if that is one of its routed ports.
+    pub fn local_backend(&self, id: &str, port: u16) -> Option<SocketAddr> {
+        self.local.get(&(Arc::from(id), port)).copied()
     }
 
     pub fn tcp_route(&self, listen_port: u16) -> Option<&Arc<Route>> {
@@ -263,6 +306,7 @@ mod tests {
             weight,
             state,
             stats: Arc::default(),
+            via: None,
         }
     }
 
@@ -404,6 +448,36 @@ mod tests {
         )]);
         let route = t.lookup(b"s.local", b"/").unwrap();
         assert!(route.select(None, &[]).is_none());
+    }
+
+    #[test]
+    fn states_and_local_backends_by_container() {
+        let mut remote = backend("r", BackendState::Up, 100);
+        remote.via = Some("198.19.100.2:9191".parse().unwrap());
+        let t = RoutingTable::build(vec![http(
+            "s.local",
+            "/",
+            vec![
+                backend("a", BackendState::Up, 100),
+                backend("d", BackendState::Draining, 100),
+                backend("x", BackendState::Down, 100),
+                remote,
+            ],
+        )]);
+        assert!(t.still_routed("a"));
+        assert!(
+            t.still_routed("d"),
+            "a draining backend finishes what it has"
+        );
+        assert!(t.still_routed("r"));
+        assert!(!t.still_routed("x"));
+        assert!(!t.still_routed("gone"));
+        assert_eq!(
+            t.local_backend("a", 80),
+            Some("198.18.0.2:80".parse().unwrap())
+        );
+        assert_eq!(t.local_backend("a", 81), None, "only routed ports");
+        assert_eq!(t.local_backend("r", 80), None, "another node's container");
     }
 
     #[test]

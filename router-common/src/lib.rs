@@ -3,6 +3,8 @@
 //! Everything here is `#[repr(C)]` plain data: the kernel and userspace read the same bytes.
 #![no_std]
 
+pub mod socket_lb;
+
 /// Names and sizes of the maps the agent opens in the loaded object.
 pub mod maps {
     /// `SOCKHASH`: socket cookie (`u64`) -> socket. The stream verdict program is attached to

@@ -1,5 +1,10 @@
 //! The real `router-agent` binary, started per test on free ports, stopped on drop. Its log
 //! goes to `target/test-logs/` and is printed when a test fails.
+//!
+//! Socket-level balancing stays inside the tests: every agent attaches it to
+//! [`TEST_CGROUP`] (only client containers started with `--cgroup-parent` there are covered,
+//! never other containers of the shared engine) and pins under a directory of its own, which
+//! `router-agent uninstall` removes when the agent is dropped (unless a successor took it).
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -22,13 +27,38 @@ pub struct Agent {
     pub ip: Ipv4Addr,
     pub admin: SocketAddr,
     pub log_path: PathBuf,
+    /// Where its socket-level balancing pins programs and maps.
+    pub pin_path: PathBuf,
+    /// Whether dropping it uninstalls what is pinned there (not once a successor took over).
+    owns_pins: bool,
+}
+
+/// The cgroup (under the cgroup2 mount) the tests' agents attach socket-level balancing to;
+/// client containers join it with `--cgroup-parent /router-socket-lb-tests`.
+pub const TEST_CGROUP: &str = "router-socket-lb-tests";
+
+/// The cgroup2 directory of [`TEST_CGROUP`] (the agent creates it).
+pub fn test_cgroup_path() -> PathBuf {
+    let hybrid = PathBuf::from("/sys/fs/cgroup/unified");
+    let mount = if hybrid.join("cgroup.procs").exists() {
+        hybrid
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    };
+    mount.join(TEST_CGROUP)
+}
+
+/// A pin directory of its own for a new agent.
+fn new_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(unique("router-test"))
 }
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn agent_binary() -> PathBuf {
+/// The agent binary under test (`ROUTER_AGENT_BIN`, set by `cargo xtask test`).
+pub fn agent_binary() -> PathBuf {
     std::env::var_os("ROUTER_AGENT_BIN").map_or_else(
         || workspace_root().join("target/release/router-agent"),
         PathBuf::from,
@@ -85,7 +115,13 @@ impl Agent {
         let ip = private_loopback();
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        Self::launch(SocketAddr::from((ip, port)), admin, &[], extra_args)
+        Self::launch(
+            SocketAddr::from((ip, port)),
+            admin,
+            new_pin_path(),
+            &[],
+            extra_args,
+        )
     }
 
     /// Like [`Agent::start`], with this TOML configuration.
@@ -105,9 +141,28 @@ impl Agent {
 
     /// Starts an agent on these ports (a successor of an agent that is stopping, say).
     pub fn start_on(port: u16, admin: SocketAddr, wrapper: &[&str], extra_args: &[&str]) -> Self {
+        Self::start_with_pins(port, admin, new_pin_path(), wrapper, extra_args)
+    }
+
+    /// Gives up this agent's pins to a successor: dropping it no longer uninstalls them.
+    pub fn release_pins(&mut self) -> PathBuf {
+        self.owns_pins = false;
+        self.pin_path.clone()
+    }
+
+    /// Starts an agent on these ports that pins under `pin_path` (a successor that adopts its
+    /// predecessor's kernel programs, from [`Agent::release_pins`]).
+    pub fn start_with_pins(
+        port: u16,
+        admin: SocketAddr,
+        pin_path: PathBuf,
+        wrapper: &[&str],
+        extra_args: &[&str],
+    ) -> Self {
         Self::launch(
             SocketAddr::from(([0, 0, 0, 0], port)),
             admin,
+            pin_path,
             wrapper,
             extra_args,
         )
@@ -116,6 +171,7 @@ impl Agent {
     fn launch(
         listen: SocketAddr,
         admin: SocketAddr,
+        pin_path: PathBuf,
         wrapper: &[&str],
         extra_args: &[&str],
     ) -> Self {
@@ -141,6 +197,8 @@ impl Agent {
             ])
             .args(extra_args)
             .env("RUST_LOG", "info,router_agent=debug")
+            .env("ROUTER_CGROUP_PATH", test_cgroup_path())
+            .env("ROUTER_PIN_PATH", &pin_path)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -160,6 +218,8 @@ impl Agent {
             ip,
             admin,
             log_path,
+            pin_path,
+            owns_pins: true,
         };
         wait_for(
             "the agent to connect to the Docker engine",
@@ -312,6 +372,9 @@ impl Drop for Agent {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.owns_pins {
+            uninstall(&self.pin_path);
+        }
         if std::thread::panicking() {
             eprintln!(
                 "---- router-agent log ({}) ----\n{}",
@@ -319,5 +382,24 @@ impl Drop for Agent {
                 self.log()
             );
         }
+    }
+}
+
+/// `router-agent uninstall` for a pin directory: detaches the programs pinned there and removes
+/// the pins (nothing to do for an agent that could not load them).
+pub fn uninstall(pin_path: &std::path::Path) {
+    let out = Command::new(agent_binary())
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(pin_path)
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "router-agent uninstall --pin-path {} failed: {}",
+            pin_path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => eprintln!("could not run router-agent uninstall: {e}"),
     }
 }

@@ -352,3 +352,112 @@ pub fn wait_running_tasks(cluster: &Cluster, service: &str, count: usize, timeou
         || cluster.running_tasks(service).len() == count,
     );
 }
+
+impl Node {
+    /// The agent's admin API on this node (`/api/routes`, ...), as JSON; `Null` if it does not
+    /// answer.
+    pub fn agent_json(&self, path: &str) -> Value {
+        let out = self.netns_exec(
+            "curl",
+            &["-s", "-m", "2", &format!("http://127.0.0.1:9090{path}")],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// `(container id, state)` of the backends this node's agent has for a domain's `/` route.
+    pub fn backend_states(&self, domain: &str) -> Vec<(String, String)> {
+        self.agent_json("/api/routes")["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["domain"] == domain && r["path"] == "/")
+            .flat_map(|r| r["backends"].as_array().cloned().unwrap_or_default())
+            .map(|b| {
+                (
+                    b["container_id"].as_str().unwrap_or_default().to_owned(),
+                    b["state"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// The ids of the `up` backends this node's agent has for a domain.
+    pub fn up_backends(&self, domain: &str) -> Vec<String> {
+        let mut up: Vec<String> = self
+            .backend_states(domain)
+            .into_iter()
+            .filter(|(_, state)| state == "up")
+            .map(|(id, _)| id)
+            .collect();
+        up.sort();
+        up
+    }
+
+    /// A value of this node's agent's `/metrics` (exact series name).
+    pub fn agent_metric(&self, series: &str) -> Option<u64> {
+        let out = self.netns_exec("curl", &["-s", "-m", "2", "http://127.0.0.1:9090/metrics"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+    }
+
+    /// The node's HTTP port (its agent listens on every address of the node).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        format!("{}:80", self.address).parse().expect("address")
+    }
+
+    /// Runs `f` on a thread inside the node's network namespace: sockets it opens are the
+    /// node's (a client on the node, talking to the node's agent).
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            let netns = std::fs::File::open(&path).expect("the node's netns");
+            // SAFETY: setns on this thread only, with a namespace fd we hold open.
+            let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+    }
+
+    /// The host end of the node's link to the cluster bridge.
+    fn host_link(&self) -> String {
+        format!("rcl-{}", self.name)
+    }
+
+    /// Cuts the node off the cluster network (as if its cable were pulled: no FIN, no RST)
+    /// until the guard drops.
+    pub fn cut_network(&self) -> NetworkCut {
+        let link = self.host_link();
+        let ok = Command::new("ip")
+            .args(["link", "set", &link, "down"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip link set {link} down failed");
+        NetworkCut { link }
+    }
+}
+
+/// A node's network, cut by [`Node::cut_network`]; restored on drop.
+pub struct NetworkCut {
+    link: String,
+}
+
+impl Drop for NetworkCut {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", &self.link, "up"])
+            .status();
+    }
+}

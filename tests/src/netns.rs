@@ -25,6 +25,36 @@ fn ip(args: &[&str]) {
 }
 
 impl OutsideHost {
+    /// A host on an existing bridge (the cluster's, say) with this address (`a.b.c.d/len`):
+    /// on the same network as the bridge's members, yet none of them.
+    pub fn on_bridge(bridge: &str, address: &str) -> Self {
+        let id = std::process::id() % 100_000;
+        let name = format!("rt-brout-{id}");
+        let host_veth = format!("rtb{id}h");
+        let ns_veth = format!("rtb{id}n");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_veth])
+            .output();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth,
+        ]);
+        ip(&["link", "set", &ns_veth, "netns", &name]);
+        ip(&["link", "set", &host_veth, "master", bridge]);
+        ip(&["link", "set", &host_veth, "up"]);
+        ip(&[
+            "netns", "exec", &name, "ip", "addr", "add", address, "dev", &ns_veth,
+        ]);
+        ip(&["netns", "exec", &name, "ip", "link", "set", &ns_veth, "up"]);
+        ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        Self {
+            name,
+            host_veth,
+            host_ip: String::new(),
+        }
+    }
+
     /// `subnet_octet` picks 198.19.<octet>.0/30, so concurrent users do not collide.
     pub fn create(subnet_octet: u8) -> Self {
         let id = std::process::id() % 100_000;

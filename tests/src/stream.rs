@@ -4,7 +4,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -15,12 +15,15 @@ use crate::client;
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub started: Instant,
+    pub took: Duration,
     /// The answering backend's short id, or what went wrong.
     pub result: Result<String, String>,
 }
 
 pub struct RequestStream {
     stop: Arc<AtomicBool>,
+    /// Requests finished so far.
+    done: Arc<AtomicUsize>,
     handle: Option<JoinHandle<Vec<Outcome>>>,
 }
 
@@ -28,7 +31,9 @@ impl RequestStream {
     /// Requests `path` with this Host header back to back until stopped.
     pub fn start(addr: SocketAddr, host: &str, path: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let (host, path, flag) = (host.to_owned(), path.to_owned(), stop.clone());
+        let done = Arc::new(AtomicUsize::new(0));
+        let (host, path, flag, counter) =
+            (host.to_owned(), path.to_owned(), stop.clone(), done.clone());
         let handle = std::thread::spawn(move || {
             let mut outcomes = Vec::new();
             while !flag.load(Ordering::Relaxed) {
@@ -41,7 +46,12 @@ impl RequestStream {
                     Ok(r) => Err(format!("HTTP {}", r.status)),
                     Err(e) => Err(e.to_string()),
                 };
-                outcomes.push(Outcome { started, result });
+                outcomes.push(Outcome {
+                    started,
+                    took: started.elapsed(),
+                    result,
+                });
+                counter.fetch_add(1, Ordering::Relaxed);
                 // A steady pace rather than a flood: the backends and the router share 2 cores.
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -49,8 +59,14 @@ impl RequestStream {
         });
         Self {
             stop,
+            done,
             handle: Some(handle),
         }
+    }
+
+    /// Requests finished so far (for waiting until enough ran).
+    pub fn count(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
     }
 
     pub fn finish(mut self) -> Vec<Outcome> {

@@ -6,8 +6,9 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// `cargo xtask build-ebpf`: the same nightly build aya-build runs from the agent's build script,
-/// into `target/ebpf`.
-pub fn ebpf() -> anyhow::Result<PathBuf> {
+/// into `target/ebpf`. Returns the objects: the tunnel verdict program and socket-level
+/// balancing.
+pub fn ebpf() -> anyhow::Result<Vec<PathBuf>> {
     let root = cmd::workspace_root();
     let target_dir = root.join("target/ebpf");
     let status = Command::new("rustup")
@@ -39,7 +40,8 @@ pub fn ebpf() -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("building router-ebpf failed ({status}); `cargo xtask setup` installs what it needs");
     }
-    Ok(target_dir.join("bpfel-unknown-none/release/router"))
+    let objects = target_dir.join("bpfel-unknown-none/release");
+    Ok(vec![objects.join("router"), objects.join("socket-lb")])
 }
 
 /// Release build of every host crate at once: the agent, the test backend, the tests.
@@ -67,8 +69,13 @@ pub fn test_backend() -> anyhow::Result<PathBuf> {
 /// them quiet. Extra arguments are passed to the test harness (a name filter, `--nocapture`).
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let agent = agent()?;
-    bring_up_cluster();
-    let mut args = vec!["test", "--release", "--", "--test-threads=1"];
+    // One cluster serves one checkout's agent build at a time: a second checkout testing on
+    // the same machine leaves it alone (and runs no cluster test) with this set.
+    if std::env::var_os("ROUTER_SKIP_CLUSTER").is_none() {
+        bring_up_cluster();
+    }
+    // Every test binary runs even after one fails, so that one run reports every failure.
+    let mut args = vec!["test", "--release", "--no-fail-fast", "--", "--test-threads=1"];
     args.extend(extra.iter().map(String::as_str));
     let status = Command::new("cargo")
         .args(&args)

@@ -22,7 +22,8 @@ use crate::{build, cmd};
 pub const NGINX: &str = "router-local/nginx";
 /// The seed's `restclient`: curl and a shell.
 pub const CURL: &str = "router-local/curl";
-/// The end-to-end tests' backend (`tests/src/bin/test-backend.rs`) on port 80.
+/// The end-to-end tests' backend (`tests/src/bin/test-backend.rs`) on port 80, with their raw
+/// TCP client (`tests/src/bin/test-client.rs`) for client containers.
 pub const BACKEND: &str = "router-local/backend";
 /// The agent as users deploy it (`deploy/compose.yml`, `deploy/stack.yml`).
 pub const AGENT: &str = "router-agent:latest";
@@ -31,6 +32,22 @@ const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "cat", "echo", "ls", "sleep", "test", "touch", "rm", "mkdir", "wget", "nc", "hostname",
     "true", "false", "kill", "ps", "timeout", "printf", "head",
 ];
+
+/// `name` pinned to the contents this checkout built (`name:<fingerprint>`, from the tag file
+/// `setup` writes), so that another checkout rebuilding `name:latest` on the shared engine
+/// cannot swap it; `name` itself when there is no tag file.
+pub fn pinned(name: &str) -> String {
+    let repository = name.split(':').next().unwrap_or(name);
+    let tag_file = cmd::workspace_root().join("target/images").join(format!(
+        "{}.tag",
+        repository.rsplit('/').next().unwrap_or(repository)
+    ));
+    fs::read_to_string(tag_file)
+        .map(|tag| tag.trim().to_owned())
+        .ok()
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or_else(|| name.to_owned())
+}
 
 pub fn ensure_built() -> anyhow::Result<()> {
     build_nginx()?;
@@ -134,6 +151,11 @@ fn build_curl() -> anyhow::Result<()> {
 fn build_backend(binary: &Path) -> anyhow::Result<()> {
     let mut fs = Rootfs::new("backend")?;
     fs.add_binary_at(binary, "usr/local/bin/test-backend")?;
+    // Built by the same `cargo build`, next to the backend.
+    fs.add_binary_at(
+        &binary.with_file_name("test-client"),
+        "usr/local/bin/test-client",
+    )?;
     fs.add_users()?;
     fs.import(
         BACKEND,

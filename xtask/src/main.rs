@@ -64,7 +64,7 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
         /// Only these scenarios, comma-separated: small-keepalive, small-new-connection, 16k,
-        /// 1m, tunnel (with --splice-sweep: sweep-4k, sweep-16k, sweep-64k, sweep-256k,
+        /// 1m, tunnel, tcp-stream, tcp-connect (with --splice-sweep: sweep-4k, sweep-16k, sweep-64k, sweep-256k,
         /// sweep-1m; with --pipe-sweep: sweep-256k, sweep-1m, tunnel).
         #[arg(long, value_delimiter = ',')]
         scenarios: Vec<String>,
@@ -135,12 +135,23 @@ enum ClusterAction {
     },
     /// Remove everything `up` made: engines, containers, namespaces, bridge, firewall rule, state.
     Down,
+    /// The seed's example on the cluster: two `restserver` replicas on two nodes and a
+    /// `restclient` on a third, deployed as a stack; prints which replicas answered.
+    Demo {
+        /// How long to let the client run, in seconds.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
-        Command::BuildEbpf => build::ebpf().map(|path| println!("{}", path.display())),
+        Command::BuildEbpf => build::ebpf().map(|paths| {
+            for path in paths {
+                println!("{}", path.display());
+            }
+        }),
         Command::Demo { seconds } => {
             setup::run()?;
             demo::run(seconds)
@@ -159,6 +170,13 @@ fn main() -> anyhow::Result<()> {
         Command::Cluster {
             action: ClusterAction::Down,
         } => cluster::down(),
+        Command::Cluster {
+            action: ClusterAction::Demo { seconds },
+        } => {
+            setup::run()?;
+            images::ensure_agent(&build::agent()?)?;
+            cluster::demo(seconds)
+        }
         Command::Test { args } => {
             setup::run()?;
             build::test(&args)

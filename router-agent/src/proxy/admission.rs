@@ -4,7 +4,7 @@
 //! The limit keeps the agent below its descriptor limit (config: `max_connections`), so that
 //! running out never shows up as failing probes or backend connects, which would blame healthy
 //! backends for the agent's own exhaustion. At the limit the listeners stop accepting (new
-//! connections wait in the kernel's backlog, as with HAProxy's `maxconn`), and connections that
+//! connections wait in the kernel's backlog, as with `maxconn` in `HAProxy`), and connections that
 //! sit waiting for a request (idle keep-alive, or silent since accept) for longer than
 //! [`SHED_IDLE_AFTER`] are closed to make room for clients that have something to ask.
 use std::{

@@ -81,6 +81,9 @@ enum Attempt {
     /// The backend closed or reset the connection before a complete response head, and
     /// nothing reached the client: the request may be sent again if it can be.
     Lost(String),
+    /// The backend's node (reached through its agent) was given up while the request waited
+    /// for its answer; nothing reached the client.
+    NodeGone,
     /// Answer the client with this status (nothing was sent to it yet).
     Fail {
         status: u16,
@@ -293,6 +296,7 @@ impl Connection {
                 match upstream::connect_next(route, sticky.get(), &mut tried, ctx, reuse).await {
                     Ok(connected) => connected,
                     Err(Unavailable::NoBackend) if failed_with.is_some() => {
+                        debug!(tried = ?tried, "no backend left after a failed exchange: 502");
                         self.answer(failed_with.unwrap_or(502)).await;
                         return Ok(Next::Close);
                     }
@@ -313,20 +317,20 @@ impl Connection {
             // requests: the backend may also have closed because of the request itself.)
             if matches!(outcome, Attempt::Lost(_)) && upstream.reused && idempotent {
                 Metrics::add(&metrics.stale_reconnects, 1);
-                match upstream.reconnect(ctx).await {
+                match upstream.reconnect(backend, ctx).await {
                     Ok(()) => {
                         outcome = self
                             .attempt(head, request_body, &mut upstream, set_sticky, ctx)
                             .await;
                     }
-                    Err(e) if super::is_fd_exhaustion(&e) => {
+                    Err(upstream::ConnectError::Io(e)) if super::is_fd_exhaustion(&e) => {
                         ctx.admission.note_fd_exhaustion();
                         self.answer_unavailable(Unavailable::Overloaded).await;
                         return Ok(Next::Close);
                     }
                     Err(e) => {
                         metrics.backend_error(BackendError::Connect);
-                        upstream::report_connect_failure(ctx, backend, format!("connect: {e}"));
+                        upstream::report_connect_failure(ctx, backend, &e);
                         continue;
                     }
                 }
@@ -339,6 +343,18 @@ impl Connection {
                         ctx.pool.put(upstream);
                     }
                     return Ok(next);
+                }
+                Attempt::NodeGone => {
+                    metrics.backend_error(BackendError::Reset);
+                    debug!(backend = %backend.addr, id = %backend.container_id, via = ?backend.via, "the backend's node was lost mid-request");
+                    // The node is out of the table: another backend, if the request allows.
+                    if replayable && idempotent && !resent_elsewhere {
+                        resent_elsewhere = true;
+                        failed_with = Some(502);
+                        continue;
+                    }
+                    self.answer(502).await;
+                    return Ok(Next::Close);
                 }
                 Attempt::Lost(why) => {
                     metrics.backend_error(BackendError::Reset);
@@ -436,6 +452,8 @@ enum ExchangeOutcome {
     ClientGone,
     /// No response head within the response timeout of the end of the request body.
     ResponseTimeout,
+    /// The backend's node (reached through its agent) was given up by the registry.
+    NodeGone,
 }
 
 /// How the request body transfer ended.
@@ -475,6 +493,10 @@ impl RequestExchange<'_> {
             );
             let mut body = pin!(body);
             let mut response = pin!(response);
+            // Through another node's agent: a node that dies sends nothing more, not even a
+            // reset, so the exchange ends when the registry gives the node up.
+            let node_gone = node_gone(self.ctx, &self.upstream.container_id, self.upstream.via);
+            let mut node_gone = pin!(node_gone);
             let mut body_done = request_body == BodyFraming::None;
             let mut response_deadline = body_done.then(|| Instant::now() + self.response_timeout);
             loop {
@@ -499,6 +521,7 @@ impl RequestExchange<'_> {
                     () = tokio::time::sleep_until(deadline), if response_deadline.is_some() => {
                         break ExchangeOutcome::ResponseTimeout;
                     }
+                    () = &mut node_gone => break ExchangeOutcome::NodeGone,
                 }
             }
         };
@@ -522,6 +545,7 @@ impl RequestExchange<'_> {
                 };
             }
             ExchangeOutcome::ClientGone => return Attempt::Abort,
+            ExchangeOutcome::NodeGone => return Attempt::NodeGone,
             ExchangeOutcome::ResponseTimeout => {
                 return Attempt::Fail {
                     status: 504,
@@ -701,9 +725,26 @@ const COALESCE_LIMIT: u64 = 64 * 1024;
 /// What a 503 for a busy backend or an overloaded agent tells the client to wait.
 const RETRY_AFTER_SECONDS: u32 = 1;
 
+/// Resolves once the backend, reached through the agent at `via`, no longer takes requests
+/// (its node was lost or cannot be reached); never for a backend of this node.
+async fn node_gone(ctx: &ProxyContext, id: &str, via: Option<std::net::SocketAddr>) {
+    if via.is_none() {
+        return std::future::pending().await;
+    }
+    let mut versions = ctx.published.table_version.subscribe();
+    loop {
+        if versions.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !ctx.published.table.load().still_routed(id) {
+            return;
+        }
+    }
+}
+
 /// A deadline that never comes (for a `select!` arm that is disabled anyway).
 fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365)
+    Instant::now() + Duration::from_hours(24 * 365)
 }
 
 /// Moves a small `Content-Length` body that is entirely in `buf` to the end of `head`, so that

@@ -27,7 +27,14 @@ pub use self::{
     splice::{DEFAULT_PIPE_SIZE, PipePool},
     tcp_routes::serve_tcp_routes,
     tunnel::TunnelKind,
+    tunnel::idle_for as tunnel_idle_for,
 };
+
+/// Moves bytes both ways between two sockets, by the path this agent's mode picks for tunnels
+/// (the cluster port relays other nodes' connections this way).
+pub async fn run_tunnel(client: &mut TcpStream, backend: &mut TcpStream, ctx: &ProxyContext) {
+    tunnel::run(client, backend, ctx.tunnel_path(TunnelKind::Relay, false), ctx).await;
+}
 use crate::{
     config::{DatapathMode, ProxySettings},
     ebpf::KernelOffload,
@@ -56,11 +63,16 @@ pub struct ProxyContext {
     pub pool: Pool,
     pub pipes: PipePool,
     pub admission: Admission,
+    /// This agent's place in a Swarm cluster, once joined (unset on a single host).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// The agent's life after start, as the data path sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Listeners are not bound yet (first sync, first checks, cluster peers): `/healthz` says
+    /// `starting` so that nothing sends traffic to ports that would refuse it.
+    Starting,
     Serving,
     /// SIGTERM came: connections are no longer kept alive, but new ones are still accepted
     /// until a successor listens (or the handover timeout passes).
@@ -72,7 +84,7 @@ pub enum Phase {
 impl Phase {
     /// Connections end after their current request.
     pub fn stopping(self) -> bool {
-        self != Self::Serving
+        matches!(self, Self::HandingOver | Self::Draining)
     }
 }
 

@@ -30,10 +30,13 @@ const FRESH: Duration = Duration::from_millis(500);
 /// How often idle connections are checked for a close by the backend.
 pub const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
+type PoolKey = (SocketAddr, Option<SocketAddr>);
+
 pub struct Pool {
-    /// Keyed by backend address; each connection also remembers its container, which is checked
-    /// on the way out (a new container may reuse the address).
-    idle: Mutex<FastHashMap<SocketAddr, Vec<(Upstream, Instant)>>>,
+    /// Keyed by backend address and the node agent it goes through (another node's container
+    /// may have the same address on its node); each connection also remembers its container,
+    /// which is checked on the way out (a new container may reuse the address).
+    idle: Mutex<FastHashMap<PoolKey, Vec<(Upstream, Instant)>>>,
     /// Idle connections kept in all, so that the pool cannot eat the descriptor budget.
     max_total: usize,
 }
@@ -48,7 +51,7 @@ impl Pool {
 
     /// The pool stays usable after a panic elsewhere: its state is a plain map that no
     /// operation leaves half-changed.
-    fn lock(&self) -> MutexGuard<'_, FastHashMap<SocketAddr, Vec<(Upstream, Instant)>>> {
+    fn lock(&self) -> MutexGuard<'_, FastHashMap<PoolKey, Vec<(Upstream, Instant)>>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -56,7 +59,7 @@ impl Pool {
     /// With `check`, even a connection used moments ago is asked whether it is still open.
     pub fn take(&self, backend: &Backend, check: bool) -> Option<Upstream> {
         let mut idle = self.lock();
-        let list = idle.get_mut(&backend.addr)?;
+        let list = idle.get_mut(&(backend.addr, backend.via))?;
         while let Some((mut upstream, since)) = list.pop() {
             let idle_for = since.elapsed();
             if upstream.container_id != backend.container_id || idle_for >= MAX_IDLE_TIME {
@@ -74,7 +77,7 @@ impl Pool {
         upstream.set_active(false);
         let mut idle = self.lock();
         let total: usize = idle.values().map(Vec::len).sum();
-        let list = idle.entry(upstream.addr).or_default();
+        let list = idle.entry((upstream.addr, upstream.via)).or_default();
         if list.len() < MAX_IDLE_PER_BACKEND && total < self.max_total {
             list.push((upstream, Instant::now()));
         }
@@ -82,16 +85,16 @@ impl Pool {
 
     /// Closes idle connections to backends that are gone or no longer `up` in `table`.
     pub fn retain_up(&self, table: &RoutingTable) {
-        let up: HashSet<(&str, SocketAddr)> = table
+        let up: HashSet<(&str, PoolKey)> = table
             .routes()
             .into_iter()
             .flat_map(|r| r.backends.iter())
             .filter(|b| b.state == BackendState::Up)
-            .map(|b| (&*b.container_id, b.addr))
+            .map(|b| (&*b.container_id, (b.addr, b.via)))
             .collect();
         let mut idle = self.lock();
-        for (addr, list) in idle.iter_mut() {
-            list.retain(|(upstream, _)| up.contains(&(&*upstream.container_id, *addr)));
+        for (key, list) in idle.iter_mut() {
+            list.retain(|(upstream, _)| up.contains(&(&*upstream.container_id, *key)));
         }
         idle.retain(|_, list| !list.is_empty());
     }
@@ -114,11 +117,13 @@ impl Pool {
 
     /// Idle connections held for this backend, for the admin API.
     pub fn idle_for(&self, backend: &Backend) -> usize {
-        self.lock().get(&backend.addr).map_or(0, |list| {
-            list.iter()
-                .filter(|(u, _)| u.container_id == backend.container_id)
-                .count()
-        })
+        self.lock()
+            .get(&(backend.addr, backend.via))
+            .map_or(0, |list| {
+                list.iter()
+                    .filter(|(u, _)| u.container_id == backend.container_id)
+                    .count()
+            })
     }
 
     /// Idle connections held in all.

@@ -141,15 +141,12 @@ impl PipePool {
             pipe: None,
             empty: false,
         };
-        match reused.map_or_else(|| Pipe::new(self.size), Ok) {
-            Ok(pipe) => {
-                lease.pipe = Some(pipe);
-                Some(lease)
-            }
-            Err(_) => {
-                self.exhausted.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+        if let Ok(pipe) = reused.map_or_else(|| Pipe::new(self.size), Ok) {
+            lease.pipe = Some(pipe);
+            Some(lease)
+        } else {
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 }

@@ -83,6 +83,15 @@ async fn handle(
     }
     match upstream::connect_next(route, None, &mut Tried::default(), &ctx, Reuse::Fresh).await {
         Ok((_, mut upstream)) => {
+            // Bytes the backend sent first (through another node's agent they may come with
+            // its answer) go before the tunnel starts.
+            if !upstream.buf.is_empty() {
+                use tokio::io::AsyncWriteExt as _;
+                if client.write_all(&upstream.buf).await.is_err() {
+                    return;
+                }
+                upstream.buf.clear();
+            }
             tunnel::run(
                 &mut client,
                 &mut upstream.stream,

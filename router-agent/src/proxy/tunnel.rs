@@ -49,6 +49,9 @@ pub enum TunnelKind {
     TcpRoute,
     /// After a `101` to a WebSocket upgrade.
     WebSocket,
+    /// The cluster port's relay from another node's agent to a local container: it carries
+    /// that agent's pooled HTTP exchanges as well as its tunnels.
+    Relay,
 }
 
 impl ProxyContext {
@@ -133,7 +136,7 @@ pub async fn run(
 
 /// Resolves once neither socket has received a byte or had one acknowledged for `timeout`
 /// (the kernel's own counters, so this works whichever path moves the bytes).
-async fn idle_for(a: RawFd, b: RawFd, timeout: Duration) {
+pub async fn idle_for(a: RawFd, b: RawFd, timeout: Duration) {
     let traffic = || {
         [a, b]
             .into_iter()

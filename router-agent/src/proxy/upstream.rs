@@ -13,8 +13,9 @@ use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
 
 use super::{ProxyContext, admission::is_fd_exhaustion, set_keepalive};
 use crate::{
+    cluster::connect::{ThroughError, through},
     metrics::{BackendError, Metrics},
-    registry::Message,
+    registry::{Message, PeerEvent},
     table::{Backend, BackendStats, Route, Selection},
 };
 
@@ -60,33 +61,31 @@ pub async fn connect_next(
         let candidate = route
             .select(sticky, excluded.as_slice())
             .filter(|_| !tried.is_full());
-        let (selection, slot) = match candidate {
-            Some(selection) => {
-                let backend = &route.backends[selection.index];
-                match try_slot(&backend.stats) {
-                    Ok(slot) => (selection, slot),
-                    // A session stays with its backend: it waits for it rather than moving.
-                    Err(()) if selection.by_cookie => {
-                        (selection, queue_for(&backend.stats, ctx).await?)
-                    }
-                    Err(()) => {
-                        busy.push(selection.index);
-                        continue;
-                    }
+        let (selection, slot) = if let Some(selection) = candidate {
+            let backend = &route.backends[selection.index];
+            match try_slot(&backend.stats) {
+                Ok(slot) => (selection, slot),
+                // A session stays with its backend: it waits for it rather than moving.
+                Err(()) if selection.by_cookie => {
+                    (selection, queue_for(&backend.stats, ctx).await?)
+                }
+                Err(()) => {
+                    busy.push(selection.index);
+                    continue;
                 }
             }
-            None => {
-                let Some(&index) = busy.as_slice().first() else {
-                    return Err(Unavailable::NoBackend);
-                };
-                let slot = queue_for(&route.backends[index].stats, ctx).await?;
-                busy.remove(index);
-                let selection = Selection {
-                    index,
-                    by_cookie: false,
-                };
-                (selection, slot)
-            }
+        } else {
+            // Every candidate is busy (or none is left): wait for the first busy one.
+            let Some(&index) = busy.as_slice().first() else {
+                return Err(Unavailable::NoBackend);
+            };
+            let slot = queue_for(&route.backends[index].stats, ctx).await?;
+            busy.remove(index);
+            let selection = Selection {
+                index,
+                by_cookie: false,
+            };
+            (selection, slot)
         };
         if !tried.is_empty() {
             Metrics::add(&ctx.metrics.retries, 1);
@@ -104,13 +103,13 @@ pub async fn connect_next(
                 upstream.slot = slot;
                 return Ok((selection, upstream));
             }
-            Err(e) if is_fd_exhaustion(&e) => {
+            Err(ConnectError::Io(e)) if is_fd_exhaustion(&e) => {
                 ctx.admission.note_fd_exhaustion();
                 return Err(Unavailable::Overloaded);
             }
             Err(e) => {
                 ctx.metrics.backend_error(BackendError::Connect);
-                report_connect_failure(ctx, backend, format!("connect: {e}"));
+                report_connect_failure(ctx, backend, &e);
             }
         }
     }
@@ -132,27 +131,59 @@ async fn queue_for(
     let Some(slots) = &stats.slots else {
         return Ok(None);
     };
-    match tokio::time::timeout(
+    if let Ok(Ok(slot)) = tokio::time::timeout(
         ctx.settings.backend_queue_timeout,
         slots.clone().acquire_owned(),
     )
     .await
     {
-        Ok(Ok(slot)) => Ok(Some(slot)),
-        _ => {
-            Metrics::add(&ctx.metrics.queue_timeouts, 1);
-            Err(Unavailable::Saturated)
+        Ok(Some(slot))
+    } else {
+        Metrics::add(&ctx.metrics.queue_timeouts, 1);
+        Err(Unavailable::Saturated)
+    }
+}
+
+/// Why no connection to a backend could be opened.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// This node's own connection attempt (to a local container) failed.
+    Io(io::Error),
+    /// Another node's agent could not be reached, or could not reach its container.
+    Through(ThroughError),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "connect: {e}"),
+            Self::Through(e) => e.fmt(f),
         }
     }
 }
 
-/// A refused or unreachable backend: the registry takes it out.
-pub fn report_connect_failure(ctx: &ProxyContext, backend: &Backend, error: String) {
-    let _ = ctx.registry.send(Message::ConnectFailed {
-        id: backend.container_id.clone(),
-        addr: backend.addr,
-        error,
-    });
+/// A refused or unreachable backend: the registry takes it out. For another node's
+/// container, an agent that cannot be reached takes that node's containers out until its
+/// stream speaks again; a container its agent could not reach is that agent's to judge.
+pub fn report_connect_failure(ctx: &ProxyContext, backend: &Backend, error: &ConnectError) {
+    let message = match (error, backend.via) {
+        (ConnectError::Through(ThroughError::Refused(why)), via) => {
+            tracing::debug!(backend = %backend.addr, ?via, "the node's agent could not connect: {why}");
+            return;
+        }
+        (ConnectError::Through(ThroughError::Agent(e)), Some(via)) => {
+            Message::Peer(PeerEvent::Unreachable {
+                via,
+                why: e.to_string(),
+            })
+        }
+        (_, _) => Message::ConnectFailed {
+            id: backend.container_id.clone(),
+            addr: backend.addr,
+            error: error.to_string(),
+        },
+    };
+    let _ = ctx.registry.send(message);
 }
 
 /// An exchange with the backend failed after the request was sent: one more in its error
@@ -170,7 +201,7 @@ pub fn report_exchange_failure(ctx: &ProxyContext, backend: &Backend, error: &st
 }
 
 /// Backends already tried for one request (a small fixed set: no allocation per request).
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone, Copy, Debug)]
 pub struct Tried {
     indices: [usize; 8],
     len: usize,
@@ -223,6 +254,8 @@ pub struct Upstream {
     pub buf: BytesMut,
     pub container_id: Arc<str>,
     pub addr: SocketAddr,
+    /// The other node's agent it goes through, if any.
+    pub via: Option<SocketAddr>,
     stats: Arc<BackendStats>,
     /// Whether it already carried a request (a kept-alive connection may have been closed by
     /// the backend in the meantime).
@@ -233,14 +266,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub async fn connect(backend: &Backend, ctx: &ProxyContext) -> io::Result<Self> {
-        let stream = open(backend.addr, ctx.settings.connect_timeout).await?;
-        set_keepalive(&stream, ctx.settings.tcp_keepalive);
+    pub async fn connect(backend: &Backend, ctx: &ProxyContext) -> Result<Self, ConnectError> {
+        let (stream, buf) = open_to(backend, ctx).await?;
         let mut upstream = Self {
             stream,
-            buf: BytesMut::with_capacity(16 * 1024),
+            buf,
             container_id: backend.container_id.clone(),
             addr: backend.addr,
+            via: backend.via,
             stats: backend.stats.clone(),
             reused: false,
             active: false,
@@ -252,10 +285,14 @@ impl Upstream {
 
     /// Replaces a kept-alive connection the backend closed with a new one to the same backend,
     /// keeping its slot.
-    pub async fn reconnect(&mut self, ctx: &ProxyContext) -> io::Result<()> {
-        self.stream = open(self.addr, ctx.settings.connect_timeout).await?;
-        set_keepalive(&self.stream, ctx.settings.tcp_keepalive);
-        self.buf.clear();
+    pub async fn reconnect(
+        &mut self,
+        backend: &Backend,
+        ctx: &ProxyContext,
+    ) -> Result<(), ConnectError> {
+        let (stream, buf) = open_to(backend, ctx).await?;
+        self.stream = stream;
+        self.buf = buf;
         self.reused = false;
         Ok(())
     }
@@ -293,6 +330,35 @@ impl Upstream {
             }
         }
     }
+}
+
+/// A new connection to the backend: straight to a container of this node, or through the
+/// agent of the container's node. Returns the stream and any bytes that already came.
+async fn open_to(
+    backend: &Backend,
+    ctx: &ProxyContext,
+) -> Result<(TcpStream, BytesMut), ConnectError> {
+    let (stream, mut buf) = match backend.via {
+        None => {
+            let stream = open(backend.addr, ctx.settings.connect_timeout)
+                .await
+                .map_err(ConnectError::Io)?;
+            (stream, BytesMut::new())
+        }
+        Some(via) => through(
+            via,
+            &backend.container_id,
+            backend.addr.port(),
+            ctx.settings
+                .connect_timeout
+                .min(crate::cluster::RELAY_CONNECT_TIMEOUT),
+        )
+        .await
+        .map_err(ConnectError::Through)?,
+    };
+    set_keepalive(&stream, ctx.settings.tcp_keepalive);
+    buf.reserve(16 * 1024);
+    Ok((stream, buf))
 }
 
 async fn open(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {

@@ -17,7 +17,7 @@
 //! | `GET /bytes?n=N[&chunked=1]` | N bytes, byte i = i % 251 |
 //! | `POST\|PUT /echo` | the request body |
 //! | `POST\|PUT /sha256` | `<len> <hex sha256>` of the request body |
-//! | `GET /stats` | one `key=<n>` line each, in this order: `requests` (this request included), `tcp_connections`, `tcp_bytes`, `http_connections`, `greeter_bytes`, `resets`, `booms`, `stalls_closed` |
+//! | `GET /stats` | one `key=<n>` line each, in this order: `requests` (this request included), `tcp_connections`, `tcp_bytes`, `http_connections`, `greeter_bytes`, `resets`, `booms`, `stalls_closed`, `whoami_connections` |
 //! | `GET /headers` | the request head exactly as received |
 //! | `GET /boom` | reads the request, then closes the connection without answering (`booms` in `/stats`) |
 //! | `GET /stall?bytes=N` | a head announcing 2N bytes, N of them, then nothing until the peer closes (`stalls_closed` in `/stats` counts those ends) |
@@ -38,17 +38,21 @@
 //! same status code, then the server half-closes. A payload over 16 MiB gets close 1009, a
 //! protocol error close 1002. The session has no idle timeout: it lasts until the client ends it.
 //!
-//! Three more listeners speak raw TCP:
+//! Four more listeners speak raw TCP:
 //!
 //! | flag (env) | default | on each connection |
 //! | --- | --- | --- |
 //! | `--tcp-echo` (`BACKEND_TCP_ECHO`) | `0.0.0.0:7000` | sends back every byte it receives, half-closes once the client has half-closed |
 //! | `--tcp-greeter` (`BACKEND_TCP_GREETER`) | `0.0.0.0:7001` | writes `hello\n` and half-closes at once, then reads (and counts) until EOF |
 //! | `--tcp-reset` (`BACKEND_TCP_RESET`) | `0.0.0.0:7002` | waits for one byte (or EOF), then closes with `SO_LINGER` 0: a TCP RST |
+//! | `--tcp-whoami` (`BACKEND_TCP_WHOAMI`) | `0.0.0.0:7003` | reads one line (or to EOF), answers `peer=<client address as seen here> backend=NAME` and closes |
 //!
 //! The echo lets tests see a stream through the proxy end to end; the greeter, that a proxy
 //! passes on the server's half-close and still carries the client's bytes afterwards
-//! (`greeter_bytes` in `/stats`); the reset, that a proxy passes on an abortive close (`resets`).
+//! (`greeter_bytes` in `/stats`); the reset, that a proxy passes on an abortive close (`resets`);
+//! the whoami, whose address a client reached and whether a proxy stood in between (the peer
+//! is the client itself only without one; `whoami_connections`). It closes first, so a client
+//! that opens many short connections leaves no `TIME_WAIT` behind on its side.
 //! All listeners stop accepting on SIGTERM; open WebSocket and raw TCP sessions count as in
 //! flight, so shutdown waits for them up to its 10 s bound.
 
@@ -70,15 +74,25 @@ use std::{
 
 use httparse::Status;
 
-const USAGE: &str = "usage: test-backend [--listen ADDR] [--tcp-echo ADDR] [--tcp-greeter ADDR] [--tcp-reset ADDR]
+const USAGE: &str = "usage: test-backend [--listen ADDR] [--tcp-echo ADDR] [--tcp-greeter ADDR] [--tcp-reset ADDR] [--tcp-whoami ADDR]
   --listen ADDR       HTTP (default 0.0.0.0:80, env BACKEND_LISTEN)
   --tcp-echo ADDR     raw TCP echo (default 0.0.0.0:7000, env BACKEND_TCP_ECHO)
   --tcp-greeter ADDR  writes hello, half-closes, reads to EOF (default 0.0.0.0:7001, env BACKEND_TCP_GREETER)
-  --tcp-reset ADDR    resets each connection after its first byte (default 0.0.0.0:7002, env BACKEND_TCP_RESET)";
+  --tcp-reset ADDR    resets each connection after its first byte (default 0.0.0.0:7002, env BACKEND_TCP_RESET)
+  --tcp-whoami ADDR   answers each connection with the peer address it sees (default 0.0.0.0:7003, env BACKEND_TCP_WHOAMI)";
 const DEFAULT_LISTEN: &str = "0.0.0.0:80";
 const DEFAULT_TCP_ECHO: &str = "0.0.0.0:7000";
 const DEFAULT_TCP_GREETER: &str = "0.0.0.0:7001";
 const DEFAULT_TCP_RESET: &str = "0.0.0.0:7002";
+const DEFAULT_TCP_WHOAMI: &str = "0.0.0.0:7003";
+/// Longest line the whoami reads before it answers anyway.
+const WHOAMI_LINE_LIMIT: usize = 1024;
+/// Accept threads of the whoami, each serving its connections itself: a thread per connection
+/// would cost more than the short exchange (the connection-rate benchmark measures the path to
+/// this server, not thread creation). A client that never sends holds one of them for at most
+/// `WHOAMI_READ_TIMEOUT`.
+const WHOAMI_THREADS: usize = 4;
+const WHOAMI_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the TCP greeter writes before it half-closes.
 const GREETING: &[u8] = b"hello\n";
 /// Read size of the TCP echo: large, so a bulk transfer takes few system calls.
@@ -129,6 +143,10 @@ static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static BOOMS: AtomicU64 = AtomicU64::new(0);
 /// `/stall` responses that ended because the peer closed the connection, for `/stats`.
 static STALLS_CLOSED: AtomicU64 = AtomicU64::new(0);
+/// Connections the TCP whoami answered, for `/stats`.
+static WHOAMI_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+/// This backend's name (`identity()`), for the raw listeners that report it.
+static NAME: OnceLock<&'static str> = OnceLock::new();
 
 /// The environment switches (see the module header), read once.
 struct Behaviour {
@@ -170,16 +188,25 @@ fn main() -> ExitCode {
     }
     let bind_or_report =
         |addr: &str| bind(addr).map_err(|e| eprintln!("test-backend: listening on {addr}: {e}"));
-    let (Ok(listener), Ok(echo_listener), Ok(greeter_listener), Ok(reset_listener)) = (
+    let (
+        Ok(listener),
+        Ok(echo_listener),
+        Ok(greeter_listener),
+        Ok(reset_listener),
+        Ok(whoami_listener),
+    ) = (
         bind_or_report(&config.listen),
         bind_or_report(&config.tcp_echo),
         bind_or_report(&config.tcp_greeter),
         bind_or_report(&config.tcp_reset),
-    ) else {
+        bind_or_report(&config.tcp_whoami),
+    )
+    else {
         return ExitCode::FAILURE;
     };
     // Leaked once: every connection thread borrows the name for the life of the process.
     let name: &'static str = Box::leak(identity().into_boxed_str());
+    let _ = NAME.set(name);
     let local_of = |listener: &TcpListener, configured: &str| {
         listener
             .local_addr()
@@ -189,12 +216,18 @@ fn main() -> ExitCode {
         "test-backend listening on {}",
         local_of(&listener, &config.listen)
     );
-    let raw: [RawListener; 3] = [
+    let raw: [RawListener; 4] = [
         ("tcp echo", echo_listener, spawn_tcp_echo),
         ("tcp greeter", greeter_listener, spawn_tcp_greeter),
         ("tcp reset", reset_listener, spawn_tcp_reset),
+        ("tcp whoami", whoami_listener, serve_tcp_whoami),
     ];
-    let configured = [&config.tcp_echo, &config.tcp_greeter, &config.tcp_reset];
+    let configured = [
+        &config.tcp_echo,
+        &config.tcp_greeter,
+        &config.tcp_reset,
+        &config.tcp_whoami,
+    ];
     for ((kind, raw_listener, _), configured) in raw.iter().zip(configured) {
         println!(
             "test-backend {kind} on {}",
@@ -202,13 +235,22 @@ fn main() -> ExitCode {
         );
     }
 
+    // The whoami's extra accept threads, on clones of its listener.
+    let whoami_extra: Vec<RawListener> = (1..WHOAMI_THREADS)
+        .filter_map(|_| raw[3].1.try_clone().ok())
+        .map(|clone| ("tcp whoami", clone, serve_tcp_whoami as fn(TcpStream)))
+        .collect();
     // Each raw TCP listener gets its own accept thread; they see `SHUTDOWN` as soon as this one.
-    let raw_accepts = raw.map(|(kind, raw_listener, on_accept)| {
-        let spawned = thread::Builder::new()
-            .name(format!("{}-accept", kind.replace(' ', "-")))
-            .spawn(move || accept_loop(&raw_listener, on_accept));
-        (kind, spawned)
-    });
+    let raw_accepts: Vec<_> = raw
+        .into_iter()
+        .chain(whoami_extra)
+        .map(|(kind, raw_listener, on_accept)| {
+            let spawned = thread::Builder::new()
+                .name(format!("{}-accept", kind.replace(' ', "-")))
+                .spawn(move || accept_loop(&raw_listener, on_accept));
+            (kind, spawned)
+        })
+        .collect();
     accept_loop(&listener, |stream| spawn_connection(stream, name));
     drop(listener);
     for (kind, spawned) in raw_accepts {
@@ -239,6 +281,8 @@ struct Config {
     tcp_greeter: String,
     /// Raw TCP reset listen address.
     tcp_reset: String,
+    /// Raw TCP whoami listen address.
+    tcp_whoami: String,
 }
 
 /// `Ok(None)` asks for the usage text. A flag (`--flag ADDR` or `--flag=ADDR`) wins over its
@@ -248,6 +292,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Config>, 
     let mut tcp_echo = None;
     let mut tcp_greeter = None;
     let mut tcp_reset = None;
+    let mut tcp_whoami = None;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) => (flag, Some(value.to_owned())),
@@ -259,6 +304,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Config>, 
             "--tcp-echo" => &mut tcp_echo,
             "--tcp-greeter" => &mut tcp_greeter,
             "--tcp-reset" => &mut tcp_reset,
+            "--tcp-whoami" => &mut tcp_whoami,
             _ => return Err(format!("unknown argument {arg:?}")),
         };
         let value = match inline {
@@ -275,6 +321,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Config>, 
         tcp_greeter: tcp_greeter
             .unwrap_or_else(|| env_or("BACKEND_TCP_GREETER", DEFAULT_TCP_GREETER)),
         tcp_reset: tcp_reset.unwrap_or_else(|| env_or("BACKEND_TCP_RESET", DEFAULT_TCP_RESET)),
+        tcp_whoami: tcp_whoami.unwrap_or_else(|| env_or("BACKEND_TCP_WHOAMI", DEFAULT_TCP_WHOAMI)),
     }))
 }
 
@@ -368,6 +415,36 @@ fn spawn_tcp_greeter(stream: TcpStream) {
         // As with the echo, an error just ends the session.
         let _ = tcp_greeter(stream);
     });
+}
+
+/// Serves a whoami connection on the accept thread itself (see `WHOAMI_THREADS`).
+fn serve_tcp_whoami(stream: TcpStream) {
+    WHOAMI_CONNECTIONS.fetch_add(1, Ordering::SeqCst);
+    let _active = ActiveGuard::new();
+    // As with the echo, an error just ends the session.
+    let _ = tcp_whoami(stream);
+}
+
+/// Reads the client's line (up to `WHOAMI_LINE_LIMIT` bytes, or EOF), then answers with the
+/// peer address of this connection and closes. Reading first means the close never finds
+/// unread bytes (which would turn it into a reset); closing first puts `TIME_WAIT` here, not
+/// on a client that opens thousands of connections.
+fn tcp_whoami(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(WHOAMI_READ_TIMEOUT))?;
+    let peer = stream.peer_addr()?;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 256];
+    while line.len() < WHOAMI_LINE_LIMIT && !line.contains(&b'\n') {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let name = NAME.get().copied().unwrap_or("unknown");
+    stream.write_all(format!("peer={peer} backend={name}\n").as_bytes())
 }
 
 fn spawn_tcp_reset(stream: TcpStream) {
@@ -1322,7 +1399,8 @@ fn stats() -> Response {
         200,
         format!(
             "requests={}\ntcp_connections={}\ntcp_bytes={}\n\
-             http_connections={}\ngreeter_bytes={}\nresets={}\nbooms={}\nstalls_closed={}\n",
+             http_connections={}\ngreeter_bytes={}\nresets={}\nbooms={}\nstalls_closed={}\n\
+             whoami_connections={}\n",
             REQUESTS.load(Ordering::SeqCst),
             TCP_CONNECTIONS.load(Ordering::SeqCst),
             TCP_BYTES.load(Ordering::SeqCst),
@@ -1331,6 +1409,7 @@ fn stats() -> Response {
             RESETS.load(Ordering::SeqCst),
             BOOMS.load(Ordering::SeqCst),
             STALLS_CLOSED.load(Ordering::SeqCst),
+            WHOAMI_CONNECTIONS.load(Ordering::SeqCst),
         ),
     )
 }
@@ -2068,22 +2147,25 @@ mod tests {
         echo: SocketAddr,
         greeter: SocketAddr,
         reset: SocketAddr,
+        whoami: SocketAddr,
     }
 
     /// All listeners on loopback ports, served by the real accept loops until the process ends.
     fn start_server() -> Servers {
         let http = bind("127.0.0.1:0").unwrap();
-        let raw: [(TcpListener, fn(TcpStream)); 3] = [
+        let raw: [(TcpListener, fn(TcpStream)); 4] = [
             (bind("127.0.0.1:0").unwrap(), spawn_tcp_echo),
             (bind("127.0.0.1:0").unwrap(), spawn_tcp_greeter),
             (bind("127.0.0.1:0").unwrap(), spawn_tcp_reset),
+            (bind("127.0.0.1:0").unwrap(), serve_tcp_whoami),
         ];
-        let [echo, greeter, reset] = raw.each_ref().map(|(l, _)| l.local_addr().unwrap());
+        let [echo, greeter, reset, whoami] = raw.each_ref().map(|(l, _)| l.local_addr().unwrap());
         let servers = Servers {
             http: http.local_addr().unwrap(),
             echo,
             greeter,
             reset,
+            whoami,
         };
         thread::spawn(move || accept_loop(&http, |stream| spawn_connection(stream, "unit")));
         for (listener, on_accept) in raw {
@@ -2347,11 +2429,27 @@ mod tests {
                 "greeter_bytes",
                 "resets",
                 "booms",
-                "stalls_closed"
+                "stalls_closed",
+                "whoami_connections"
             ]
         );
         assert_eq!(stats[3].1, before + 1, "{body}");
         assert_eq!(HTTP_CONNECTIONS.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[test]
+    fn tcp_whoami_names_the_peer_and_closes() {
+        let Servers { whoami, .. } = start_server();
+        let mut client = TcpStream::connect(whoami).unwrap();
+        let local = client.local_addr().unwrap();
+        client.write_all(b"hello\n").unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert!(
+            reply.starts_with(&format!("peer={local} backend=")),
+            "{reply:?}"
+        );
+        assert!(reply.ends_with('\n'));
     }
 
     #[test]
@@ -2363,6 +2461,8 @@ mod tests {
             "--tcp-greeter",
             "127.0.0.1:3",
             "--tcp-reset=127.0.0.1:4",
+            "--tcp-whoami",
+            "127.0.0.1:5",
         ]
         .map(String::from);
         let config = parse_args(args.into_iter()).unwrap().unwrap();
@@ -2370,7 +2470,8 @@ mod tests {
         assert_eq!(config.tcp_echo, "127.0.0.1:2");
         assert_eq!(config.tcp_greeter, "127.0.0.1:3");
         assert_eq!(config.tcp_reset, "127.0.0.1:4");
-        for flag in ["--tcp-echo", "--tcp-greeter", "--tcp-reset"] {
+        assert_eq!(config.tcp_whoami, "127.0.0.1:5");
+        for flag in ["--tcp-echo", "--tcp-greeter", "--tcp-reset", "--tcp-whoami"] {
             assert!(parse_args([String::from(flag)].into_iter()).is_err());
         }
         assert!(parse_args([String::from("--bogus")].into_iter()).is_err());

@@ -20,6 +20,8 @@ use crate::{cmd, images};
 const RUN_LABEL: &str = "router.bench";
 /// The test backend's raw TCP echo port.
 const ECHO_PORT: u16 = 7000;
+/// The test backend's whoami port (reads a line, answers, closes first).
+const WHOAMI_PORT: u16 = 7003;
 /// The test backend's HTTP port (its WebSocket echo is `GET /ws` there).
 const HTTP_PORT: u16 = 80;
 
@@ -34,6 +36,8 @@ pub struct Backends {
     pub domain: String,
     /// Domain of the echo's `tcp://` route.
     pub tunnel_domain: String,
+    /// Domain of the whoami's `tcp://` route (same container).
+    pub whoami_domain: String,
     /// Domain of the echo's `ws://` route (Host of the WebSocket handshake).
     pub ws_domain: String,
     pub replicas: Vec<Container>,
@@ -45,11 +49,17 @@ pub struct Echo {
     pub container: Container,
     /// The port the router listens on for the echo's `tcp://` route (127.0.0.1).
     pub router_port: u16,
+    /// The port of the whoami's `tcp://` route.
+    pub whoami_router_port: u16,
 }
 
 impl Echo {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((self.container.ip, ECHO_PORT))
+    }
+
+    pub fn whoami_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.container.ip, WHOAMI_PORT))
     }
 
     /// The backend's own HTTP listener, where `GET /ws` upgrades.
@@ -66,6 +76,7 @@ impl Backends {
         Ok(Self {
             domain: format!("bench-{run}.local"),
             tunnel_domain: format!("bench-{run}-tunnel.local"),
+            whoami_domain: format!("bench-{run}-whoami.local"),
             ws_domain: format!("bench-{run}-ws.local"),
             run,
             replicas: Vec::new(),
@@ -82,29 +93,42 @@ impl Backends {
         for i in 1..=2 {
             let name = format!("bench-{}-nginx-{i}", self.run);
             let label = format!("aliyun.routing.port_80={}", self.domain);
-            let container = self.start(&name, images::NGINX, &[&label])?;
+            let container = self.start(&name, &images::pinned(images::NGINX), &[&label])?;
             wait_ready(SocketAddr::from((container.ip, 80)), &name)?;
             self.replicas.push(container);
         }
         Ok(())
     }
 
-    /// Starts the TCP echo with a `tcp://` route on a free router port (once).
+    /// Starts the test backend with `tcp://` routes to its echo and its whoami, each on a free
+    /// router port (once).
     pub fn start_echo(&mut self) -> anyhow::Result<&Echo> {
         if self.echo.is_none() {
             let router_port = system::free_port()?;
+            let whoami_router_port = system::free_port()?;
             let name = format!("bench-{}-echo", self.run);
             let tcp_label = format!(
                 "aliyun.routing.port_{ECHO_PORT}=tcp://{}:{router_port}",
                 self.tunnel_domain
             );
             let ws_label = format!("aliyun.routing.port_{HTTP_PORT}=ws://{}", self.ws_domain);
-            let container = self.start(&name, images::BACKEND, &[&tcp_label, &ws_label])?;
+            let whoami_label = format!(
+                "aliyun.routing.port_{WHOAMI_PORT}=tcp://{}:{whoami_router_port}",
+                self.whoami_domain
+            );
+            // This checkout's backend: the whoami listener is newer than some images around.
+            let container = self.start(
+                &name,
+                &images::pinned(images::BACKEND),
+                &[&tcp_label, &whoami_label, &ws_label],
+            )?;
             wait_ready(SocketAddr::from((container.ip, ECHO_PORT)), &name)?;
+            wait_ready(SocketAddr::from((container.ip, WHOAMI_PORT)), &name)?;
             wait_ready(SocketAddr::from((container.ip, HTTP_PORT)), &name)?;
             self.echo = Some(Echo {
                 container,
                 router_port,
+                whoami_router_port,
             });
         }
         self.echo.as_ref().context("echo container")
@@ -119,7 +143,7 @@ impl Backends {
         let run_label = format!("{RUN_LABEL}={}", self.run);
         let mut args = vec!["run", "-d", "--name", name, "--label", &run_label];
         for label in route_labels {
-            args.extend(["--label", label]);
+            args.extend_from_slice(&["--label", label]);
         }
         args.push(image);
         let id = cmd::output(cmd::docker(), &args)

@@ -8,6 +8,11 @@
 //! - `router-<mode>`: this workspace's release agent with `--datapath <mode>`.
 //! - `router-splice-pipe-<size>`: the agent with `--datapath splice` and `pipe_size_bytes` set
 //!   in its TOML file (`--pipe-sweep`).
+//! - `router-socket-lb`: the agent with socket-level balancing attached to the bench's cgroup
+//!   (`tcp-*` scenarios): the client's connects go straight to the backend.
+//!
+//! Every other router runs with `--socket-lb off`: socket-level balancing would otherwise
+//! attach to Docker's cgroup, where the shared engine's other containers live.
 use std::{
     fmt::Write as _,
     fs,
@@ -30,6 +35,8 @@ pub enum Contender {
     Router(Datapath),
     /// `--datapath splice` with pipes of this many KiB.
     RouterPipe(u32),
+    /// Socket-level balancing of the tcp route (userspace serves only what it does not cover).
+    RouterSocketLb,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,11 +66,15 @@ impl Contender {
             Contender::Nginx => "nginx".into(),
             Contender::Router(mode) => format!("router-{}", mode.flag()),
             Contender::RouterPipe(kib) => format!("router-splice-pipe-{}", size_name(kib)),
+            Contender::RouterSocketLb => "router-socket-lb".into(),
         }
     }
 
     pub fn is_router(self) -> bool {
-        matches!(self, Contender::Router(_) | Contender::RouterPipe(_))
+        matches!(
+            self,
+            Contender::Router(_) | Contender::RouterPipe(_) | Contender::RouterSocketLb
+        )
     }
 }
 
@@ -80,7 +91,10 @@ pub fn size_name(kib: u32) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http,
+    /// A `tcp://` route to the echo.
     Tunnel,
+    /// A `tcp://` route to the whoami (one short exchange per connection).
+    Whoami,
     /// A WebSocket upgrade through the HTTP listener, then a tunnel.
     WebSocket,
 }
@@ -116,6 +130,9 @@ pub struct Setup<'a> {
     pub wrapper: &'a [String],
     /// How long a contender may take to start answering.
     pub startup_timeout: Duration,
+    /// The cgroup the load generator runs in, where `router-socket-lb` attaches; `None` when
+    /// the bench could not make one.
+    pub socket_lb_cgroup: Option<&'a Path>,
 }
 
 /// The file that names the running contender's pid, for the cleanup watchdog.
@@ -131,9 +148,33 @@ pub struct Running {
     admin: Option<SocketAddr>,
     log: Option<PathBuf>,
     pid_file: Option<PathBuf>,
+    /// For `router-socket-lb`: the agent binary and the pin directory it uninstalls after.
+    uninstall: Option<(PathBuf, PathBuf)>,
+    /// The domain of the tcp route whose kernel counters `kernel_connects` reads.
+    route_domain: Option<String>,
 }
 
 impl Running {
+    /// CPU seconds the proxy's processes used so far; `None` for `direct`.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.child
+            .as_ref()
+            .and_then(|c| system::cpu_seconds_tree(c.id()))
+    }
+
+    /// Connects of the benchmark's tcp route that the kernel balanced so far (socket-level
+    /// balancing); `None` for other contenders.
+    pub fn kernel_connects(&self) -> anyhow::Result<Option<u64>> {
+        let (Some(admin), Some(domain), Some(_)) =
+            (self.admin, &self.route_domain, &self.uninstall)
+        else {
+            return Ok(None);
+        };
+        let routes = json::parse(&admin_get(admin, "/api/routes")?)?;
+        Ok(kernel_field(&routes, domain, "connects")
+            .and_then(json::Value::as_f64)
+            .map(|n| n as u64))
+    }
     /// The proxy's process id; `None` for `direct`.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -182,6 +223,21 @@ impl Drop for Running {
         if let Some(pid_file) = &self.pid_file {
             let _ = fs::remove_file(pid_file);
         }
+        if let Some((agent, pins)) = &self.uninstall {
+            let done = Command::new(agent)
+                .arg("uninstall")
+                .arg("--pin-path")
+                .arg(pins)
+                .stdout(Stdio::null())
+                .status();
+            if !done.is_ok_and(|s| s.success()) {
+                eprintln!(
+                    "bench: `{} uninstall --pin-path {}` failed; run it by hand",
+                    agent.display(),
+                    pins.display()
+                );
+            }
+        }
     }
 }
 
@@ -199,6 +255,11 @@ pub fn start(
                     SocketAddr::from((replica.ip, 80))
                 }
                 Protocol::Tunnel => backends.echo.as_ref().context("no echo container")?.addr(),
+                Protocol::Whoami => backends
+                    .echo
+                    .as_ref()
+                    .context("no echo container")?
+                    .whoami_addr(),
                 Protocol::WebSocket => backends
                     .echo
                     .as_ref()
@@ -209,11 +270,17 @@ pub fn start(
             admin: None,
             log: None,
             pid_file: None,
+            uninstall: None,
+            route_domain: None,
         }),
         Contender::Haproxy => start_haproxy(protocol, setup),
         Contender::Nginx => start_nginx(protocol, setup),
-        Contender::Router(mode) => start_router(mode, None, protocol, setup),
-        Contender::RouterPipe(kib) => start_router(Datapath::Splice, Some(kib), protocol, setup),
+        Contender::Router(mode) => start_router(mode, None, false, protocol, setup),
+        Contender::RouterPipe(kib) => {
+            start_router(Datapath::Splice, Some(kib), false, protocol, setup)
+        }
+        // Splice serves whatever the kernel leaves to userspace (nothing, here).
+        Contender::RouterSocketLb => start_router(Datapath::Splice, None, true, protocol, setup),
     }
 }
 
@@ -270,6 +337,8 @@ fn spawn(
         admin: None,
         log: Some(log),
         pid_file: Some(pid_file),
+        uninstall: None,
+        route_domain: None,
     };
     let deadline = Instant::now() + setup.startup_timeout;
     loop {
@@ -338,14 +407,18 @@ fn haproxy_config(protocol: Protocol, port: u16, backends: &Backends) -> anyhow:
                 );
             }
         }
-        Protocol::Tunnel => {
+        Protocol::Tunnel | Protocol::Whoami => {
             let echo = backends.echo.as_ref().context("no echo container")?;
+            let server = if protocol == Protocol::Tunnel {
+                echo.addr()
+            } else {
+                echo.whoami_addr()
+            };
             let _ = write!(
                 cfg,
                 "frontend bench_tunnel\n    mode tcp\n    bind 127.0.0.1:{port}\n    \
                  option splice-auto\n    default_backend bench_echo\n\n\
-                 backend bench_echo\n    mode tcp\n    option splice-auto\n    server echo {}\n",
-                echo.addr()
+                 backend bench_echo\n    mode tcp\n    option splice-auto\n    server echo {server}\n"
             );
         }
         Protocol::WebSocket => {
@@ -407,8 +480,10 @@ fn nginx_config(
     let prefix = prefix.to_str().context("non-UTF-8 results path")?;
     let backends = setup.backends;
     let load_module = match (protocol, setup.nginx_stream) {
-        (Protocol::Tunnel, Ok(line)) => line.as_str(),
-        (Protocol::Tunnel, Err(reason)) => bail!("nginx cannot proxy raw TCP here: {reason}"),
+        (Protocol::Tunnel | Protocol::Whoami, Ok(line)) => line.as_str(),
+        (Protocol::Tunnel | Protocol::Whoami, Err(reason)) => {
+            bail!("nginx cannot proxy raw TCP here: {reason}")
+        }
         (Protocol::WebSocket, _) => bail!("nginx is not configured for WebSocket here"),
         (Protocol::Http, _) => "",
     };
@@ -456,13 +531,17 @@ fn nginx_config(
 "
             );
         }
-        Protocol::Tunnel => {
+        Protocol::Tunnel | Protocol::Whoami => {
             let echo = backends.echo.as_ref().context("no echo container")?;
+            let server = if protocol == Protocol::Tunnel {
+                echo.addr()
+            } else {
+                echo.whoami_addr()
+            };
             let _ = write!(
                 cfg,
-                "stream {{\n    upstream bench_echo {{ server {}; }}\n    server {{\n        \
-                 listen 127.0.0.1:{port};\n        proxy_pass bench_echo;\n    }}\n}}\n",
-                echo.addr()
+                "stream {{\n    upstream bench_echo {{ server {server}; }}\n    server {{\n        \
+                 listen 127.0.0.1:{port};\n        proxy_pass bench_echo;\n    }}\n}}\n"
             );
         }
         Protocol::WebSocket => unreachable!("refused above"),
@@ -499,6 +578,7 @@ pub fn nginx_stream_support() -> Result<String, String> {
 fn start_router(
     mode: Datapath,
     pipe_kib: Option<u32>,
+    socket_lb: bool,
     protocol: Protocol,
     setup: &Setup<'_>,
 ) -> anyhow::Result<Running> {
@@ -507,16 +587,21 @@ fn start_router(
     let admin_port = system::free_port()?;
     let target = match protocol {
         Protocol::Http | Protocol::WebSocket => loopback(port),
-        Protocol::Tunnel => {
+        Protocol::Tunnel | Protocol::Whoami => {
             let echo = backends.echo.as_ref().context("no echo container")?;
-            if !system::port_is_free(echo.router_port) {
+            let route_port = if protocol == Protocol::Tunnel {
+                echo.router_port
+            } else {
+                echo.whoami_router_port
+            };
+            if !system::port_is_free(route_port) {
                 bail!(
-                    "127.0.0.1:{} (the tunnel route's port) is taken by another process \
-                     listening on that address; stop it and run again",
-                    echo.router_port
+                    "127.0.0.1:{route_port} (the tcp route's port) is taken by another process, \
+                     probably another router-agent that discovered the bench's echo container; \
+                     stop it and run again"
                 );
             }
-            loopback(echo.router_port)
+            loopback(route_port)
         }
     };
     let admin = loopback(admin_port);
@@ -528,6 +613,21 @@ fn start_router(
         .env("RUST_LOG", "warn");
     let mut what = format!("router-agent --datapath {}", mode.flag());
     let mut log = setup.tmp.join(format!("router-{}.log", mode.flag()));
+    let pins = PathBuf::from(format!("/sys/fs/bpf/router-bench-{}", std::process::id()));
+    if socket_lb {
+        let cgroup = setup
+            .socket_lb_cgroup
+            .context("the bench has no cgroup of its own for socket-level balancing")?;
+        command
+            .args(["--socket-lb", "on", "--cgroup-path"])
+            .arg(cgroup)
+            .arg("--pin-path")
+            .arg(&pins);
+        what.push_str(" --socket-lb on");
+        log = setup.tmp.join("router-socket-lb.log");
+    } else {
+        command.args(["--socket-lb", "off"]);
+    }
     if let Some(kib) = pipe_kib {
         let config = setup
             .tmp
@@ -543,21 +643,35 @@ fn start_router(
     }
     let mut running = spawn(command, log, admin, &what, setup)?;
     running.admin = Some(admin);
+    if socket_lb {
+        running.uninstall = Some((setup.agent.to_owned(), pins));
+    }
     let (domain, wanted) = match protocol {
         Protocol::Http => (&backends.domain, backends.replicas.len()),
         Protocol::Tunnel => (&backends.tunnel_domain, 1),
+        Protocol::Whoami => (&backends.whoami_domain, 1),
         Protocol::WebSocket => (&backends.ws_domain, 1),
     };
+    running.route_domain = Some(domain.clone());
     // Discovery and the first probes take a moment after the admin API answers.
     let deadline = Instant::now() + setup.startup_timeout * 2;
     loop {
         running
             .check_alive()
             .with_context(|| format!("{what} stopped"))?;
-        let up = admin_get(admin, "/api/routes")
-            .and_then(|body| json::parse(&body))
-            .map_or(0, |routes| backends_up(&routes, domain));
-        if up >= wanted && system::wait_listening(running.target, Duration::from_millis(200)) {
+        let routes = admin_get(admin, "/api/routes").and_then(|body| json::parse(&body));
+        let up = routes
+            .as_ref()
+            .map_or(0, |routes| backends_up(routes, domain));
+        // The kernel path only once the agent owns the maps and serves the route there.
+        let kernel_ready = !socket_lb
+            || routes.as_ref().is_ok_and(|routes| {
+                kernel_field(routes, domain, "served").and_then(json::Value::as_bool) == Some(true)
+            });
+        if up >= wanted
+            && kernel_ready
+            && system::wait_listening(running.target, Duration::from_millis(200))
+        {
             break;
         }
         if Instant::now() > deadline {
@@ -570,12 +684,24 @@ fn start_router(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    if protocol == Protocol::Tunnel {
+    if protocol != Protocol::Http {
         // The readiness probe connection was tunnelled too; let its teardown finish.
         std::thread::sleep(Duration::from_millis(200));
     }
     running.target = target;
     Ok(running)
+}
+
+/// A field of the `kernel` object of the tcp route for `domain` in `/api/routes`.
+fn kernel_field<'a>(routes: &'a json::Value, domain: &str, key: &str) -> Option<&'a json::Value> {
+    routes
+        .get("routes")
+        .map(json::Value::items)
+        .unwrap_or_default()
+        .iter()
+        .find(|r| r.get("domain").and_then(json::Value::as_str) == Some(domain))?
+        .get("kernel")?
+        .get(key)
 }
 
 /// How many backends of the route for `domain` are `up`.

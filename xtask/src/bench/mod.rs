@@ -8,7 +8,15 @@
 //! and kernel workers, outside the proxy's own CPU time) and the proxy's peak RSS. Results go to
 //! `results/bench-<UTC time>.md` and `.svg` (`results/splice-sweep-<UTC time>.md` for
 //! `--splice-sweep`, `results/pipe-sweep-<UTC time>.md` for `--pipe-sweep`).
+//!
+//! The `tcp-stream` and `tcp-connect` pair compares ways to serve a `tcp://` route: straight
+//! to the backend, socket-level balancing (`router-socket-lb`: the kernel connects the client
+//! to the backend), the router's userspace tunnel (splice) and `HAProxy` in `mode tcp`. For
+//! them this process moves into a cgroup of its own (`cgroup`), where socket-level balancing
+//! is attached.
 mod backends;
+mod cgroup;
+mod connect;
 mod contenders;
 mod json;
 mod pingpong;
@@ -80,6 +88,17 @@ enum Kind {
     PingPong {
         websocket: bool,
     },
+    /// The tunnel's stream through a `tcp://` route, for the tcp-route contenders.
+    TcpStream,
+    /// Connections per second through a `tcp://` route, one short exchange each.
+    TcpConnect,
+}
+
+impl Kind {
+    /// The `tcp-*` pair: served by the tcp-route contenders, from the bench's cgroup.
+    fn is_tcp_route(&self) -> bool {
+        matches!(self, Kind::TcpStream | Kind::TcpConnect)
+    }
 }
 
 /// Ping-pong scenarios: connections, each with one message in flight.
@@ -124,6 +143,16 @@ fn main_scenarios() -> Vec<Scenario> {
             kind: Kind::PingPong { websocket: false },
             by_bytes: false,
         },
+        Scenario {
+            name: "tcp-stream".into(),
+            kind: Kind::TcpStream,
+            by_bytes: true,
+        },
+        Scenario {
+            name: "tcp-connect".into(),
+            kind: Kind::TcpConnect,
+            by_bytes: false,
+        },
     ]
 }
 
@@ -147,7 +176,7 @@ fn scenarios_of(study: Study) -> Vec<Scenario> {
 }
 
 fn contenders_for(scenario: &Scenario, study: Study) -> Vec<Contender> {
-    use Contender::{Direct, Haproxy, Nginx, Router, RouterPipe};
+    use Contender::{Direct, Haproxy, Nginx, Router, RouterPipe, RouterSocketLb};
     match study {
         Study::SpliceSweep => return vec![Router(Datapath::Copy), Router(Datapath::Splice)],
         Study::PipeSweep => return SWEEP_PIPE_KIB.into_iter().map(RouterPipe).collect(),
@@ -162,6 +191,9 @@ fn contenders_for(scenario: &Scenario, study: Study) -> Vec<Contender> {
             Datapath::Sockmap,
             Datapath::Auto,
         ],
+        Kind::TcpStream | Kind::TcpConnect => {
+            return vec![Direct, Haproxy, Router(Datapath::Splice), RouterSocketLb];
+        }
     };
     [Direct, Haproxy, Nginx]
         .into_iter()
@@ -222,13 +254,26 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut steal = 0.0;
     let mut index = 0;
     for (scenario, contenders) in &plan {
-        if matches!(scenario.kind, Kind::Tunnel | Kind::PingPong { .. }) {
+        if !matches!(scenario.kind, Kind::Http { .. }) {
             println!(
-                "bench: starting the TCP echo for {}",
-                backends.tunnel_domain
+                "bench: starting the TCP echo and whoami for {} and {}",
+                backends.tunnel_domain, backends.whoami_domain
             );
             backends.start_echo()?;
         }
+        // The load generator of the tcp-route pair runs in the bench's cgroup (every
+        // contender alike), where the socket-LB contender attaches its programs.
+        let cgroup = if scenario.kind.is_tcp_route() {
+            match cgroup::BenchCgroup::enter() {
+                Ok(cgroup) => Some(cgroup),
+                Err(e) => {
+                    println!("bench: no cgroup for socket-level balancing: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let setup = Setup {
             backends: &backends,
             tmp: &tmp,
@@ -236,6 +281,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             nginx_stream: &nginx_stream,
             wrapper: &[],
             startup_timeout: Duration::from_secs(10),
+            socket_lb_cgroup: cgroup.as_ref().map(|c| c.path.as_path()),
         };
         for round in 1..=rounds {
             for &contender in contenders {
@@ -455,8 +501,9 @@ fn measure(
 ) -> anyhow::Result<Measure> {
     let protocol = match scenario.kind {
         Kind::Http { .. } => Protocol::Http,
-        Kind::Tunnel | Kind::PingPong { websocket: false } => Protocol::Tunnel,
+        Kind::Tunnel | Kind::TcpStream | Kind::PingPong { websocket: false } => Protocol::Tunnel,
         Kind::PingPong { websocket: true } => Protocol::WebSocket,
+        Kind::TcpConnect => Protocol::Whoami,
     };
     let mut running = contenders::start(contender, protocol, setup)?;
     match scenario.kind {
@@ -502,17 +549,31 @@ fn measure(
                 }),
                 counters: counters.zip(counters_before).map(|(a, b)| a.since(b)),
                 steal: cpu.steal,
+                ..Measure::default()
             };
             Ok(measure)
         }
-        Kind::Tunnel => {
+        Kind::TcpConnect => measure_connects(&mut running, duration),
+        Kind::Tunnel | Kind::TcpStream => {
             let target = running.target;
             tunnel::run(target, TUNNEL_CONNECTIONS, TUNNEL_WARMUP_BYTES).context("warm-up")?;
             running.check_alive()?;
             let counters_before = running.counters()?;
+            let kernel_before = running.kernel_connects()?;
+            let proxy_before = running.cpu_seconds();
             let cpu_before = CpuTimes::now()?;
+            let started = std::time::Instant::now();
             let result = tunnel::run(target, TUNNEL_CONNECTIONS, TUNNEL_BYTES)?;
             let cpu = CpuTimes::now()?.since(cpu_before);
+            let wall = started.elapsed().as_secs_f64();
+            let proxy_cpu = running
+                .cpu_seconds()
+                .zip(proxy_before)
+                .map(|(after, before)| (after - before) / wall);
+            let kernel_connects = running
+                .kernel_connects()?
+                .zip(kernel_before)
+                .map(|(after, before)| after - before);
             running.check_alive()?;
             if result.bytes == 0 {
                 bail!(
@@ -537,6 +598,8 @@ fn measure(
                 }),
                 counters: counters.zip(counters_before).map(|(a, b)| a.since(b)),
                 steal: cpu.steal,
+                proxy_cpu: proxy_cpu.filter(|_| scenario.kind.is_tcp_route()),
+                kernel_connects,
             };
             Ok(measure)
         }
@@ -590,9 +653,72 @@ fn measure(
                 }),
                 counters: counters.zip(counters_before).map(|(a, b)| a.since(b)),
                 steal: cpu.steal,
+                proxy_cpu: None,
+                kernel_connects: None,
             })
         }
     }
+}
+
+/// `tcp-connect`: connections per second through the contender, each with one short exchange.
+fn measure_connects(running: &mut contenders::Running, duration: u64) -> anyhow::Result<Measure> {
+    let target = running.target;
+    connect::run(target, Duration::from_secs(1)).context("warm-up")?;
+    running.check_alive()?;
+    let kernel_before = running.kernel_connects()?;
+    let proxy_before = running.cpu_seconds();
+    let cpu_before = CpuTimes::now()?;
+    let result = connect::run(target, Duration::from_secs(duration))?;
+    let cpu = CpuTimes::now()?.since(cpu_before);
+    let wall = result.elapsed.as_secs_f64();
+    let proxy_cpu = running
+        .cpu_seconds()
+        .zip(proxy_before)
+        .map(|(after, before)| (after - before) / wall);
+    running.check_alive()?;
+    if result.connections == 0 {
+        bail!(
+            "no connection through {target} completed: {}",
+            result.first_failure.unwrap_or_default()
+        );
+    }
+    let kernel_connects = running
+        .kernel_connects()?
+        .zip(kernel_before)
+        .map(|(after, before)| after - before);
+    let per_sec = result.per_sec();
+    let mut error_detail = result.first_failure.map(|reason| {
+        format!(
+            "{} of {} connections failed: {reason}",
+            result.failed,
+            result.connections + result.failed
+        )
+    });
+    // The socket-LB row must come from the kernel path, not the listener behind it.
+    if let Some(kernel) = kernel_connects
+        && kernel < result.connections
+    {
+        error_detail.get_or_insert_with(|| {
+            format!(
+                "only {kernel} of {} connections were balanced in the kernel",
+                result.connections
+            )
+        });
+    }
+    Ok(Measure {
+        requests_per_sec: Some(per_sec),
+        bytes_per_sec: 0.0,
+        p50: Some(result.p50),
+        p99: Some(result.p99),
+        cpu_per_unit: cpu.busy / result.connections as f64,
+        peak_rss: running.peak_rss(),
+        errors: result.failed,
+        error_detail,
+        counters: None,
+        steal: cpu.steal,
+        proxy_cpu,
+        kernel_connects,
+    })
 }
 
 fn progress(m: &Measure) -> String {

@@ -84,6 +84,7 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
                 nginx_stream: &nginx_stream,
                 wrapper: &wrapper,
                 startup_timeout: Duration::from_mins(1),
+                socket_lb_cgroup: None,
             };
             let profile = profile_one(contender, scenario, file, &setup, seconds, &dump_prefix)
                 .with_context(|| format!("profiling {name} in {scenario}"))?;

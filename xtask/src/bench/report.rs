@@ -25,6 +25,11 @@ pub struct Measure {
     pub counters: Option<DatapathCounters>,
     /// CPU seconds the hypervisor gave to others during the measured run.
     pub steal: f64,
+    /// The proxy's own CPU (its processes' user + system time) over the measured run, in
+    /// cores (`tcp-*` scenarios; `None` for `direct`).
+    pub proxy_cpu: Option<f64>,
+    /// Connects the kernel balanced during the measured run (`router-socket-lb`).
+    pub kernel_connects: Option<u64>,
 }
 
 pub struct Sample {
@@ -58,6 +63,8 @@ pub struct Row {
     pub counters: Option<DatapathCounters>,
     /// (max - min) / median of the compared metric over the rounds: how noisy the runs were.
     pub spread: Option<f64>,
+    pub proxy_cpu: Option<f64>,
+    pub kernel_connects: Option<f64>,
     /// Why runs failed or the contender could not take part; shown under the table.
     pub problems: Vec<String>,
     /// Set when the contender cannot run this scenario at all (shown as n/a).
@@ -144,6 +151,8 @@ pub fn aggregate(samples: &[Sample]) -> Vec<Row> {
         row.cpu_per_unit = med(&|m| Some(m.cpu_per_unit));
         row.peak_rss = med(&|m| m.peak_rss.map(|b| b as f64));
         row.errors = ok.iter().map(|m| m.errors).sum();
+        row.proxy_cpu = med(&|m| m.proxy_cpu);
+        row.kernel_connects = med(&|m| m.kernel_connects.map(|n| n as f64));
         let compared: Vec<f64> = ok
             .iter()
             .filter_map(|m| {
@@ -297,8 +306,55 @@ pub fn markdown(info: &RunInfo, rows: &[Row]) -> String {
             }
         }
     }
+    tcp_route_table(&mut out, rows);
     notes(&mut out, info, rows);
     out
+}
+
+/// The `tcp-*` scenarios side by side: each contender against direct, `HAProxy` and the
+/// router's userspace tunnel, with the proxy's own CPU.
+fn tcp_route_table(out: &mut String, rows: &[Row]) {
+    let tcp: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.scenario.starts_with("tcp-") && r.unavailable.is_none())
+        .collect();
+    if tcp.is_empty() {
+        return;
+    }
+    out.push_str(
+        "
+tcp routes (`tcp-stream`: MiB/s, both directions; `tcp-connect`: connections/s, one \
+         short exchange each), the proxy's own CPU in cores over the measured run (the \
+         kernel's work on its behalf is in the machine-wide column above), and the connects \
+         the kernel balanced:\n\n\
+         | scenario | contender | throughput | vs direct | vs haproxy | vs router-splice | \
+         proxy CPU (cores) | kernel connects |\n|---|---|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for row in tcp {
+        let versus = |name: &str| {
+            if row.contender == name {
+                return String::new();
+            }
+            let other = find(rows, &row.scenario, name).and_then(Row::headline);
+            cell(ratio(row.headline(), other), times)
+        };
+        let throughput = if row.tunnel {
+            cell(row.bytes_per_sec, |b| format!("{:.0} MiB/s", b / MIB))
+        } else {
+            cell(row.requests_per_sec, |r| format!("{r:.0}/s"))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {throughput} | {} | {} | {} | {} | {} |",
+            row.scenario,
+            row.contender,
+            versus("direct"),
+            versus("haproxy"),
+            versus("router-splice"),
+            cell(row.proxy_cpu, |c| format!("{c:.3}")),
+            cell(row.kernel_connects, |n| format!("{n:.0}")),
+        );
+    }
 }
 
 fn table_line(rows: &[Row], row: &Row) -> String {
@@ -502,6 +558,7 @@ const COLORS: &[(&str, &str)] = &[
     ("router-splice", "#d62728"),
     ("router-auto", "#9467bd"),
     ("router-sockmap", "#8c564b"),
+    ("router-socket-lb", "#e377c2"),
 ];
 
 fn color(name: &str) -> &'static str {
@@ -749,5 +806,32 @@ mod tests {
         let chart = svg("t", &rows);
         assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
         assert!(chart.contains(">1.00</text>"));
+    }
+
+    #[test]
+    fn tcp_routes_get_their_own_table() {
+        let mut samples = vec![
+            sample("tcp-connect", "direct", Some(1000.0)),
+            sample("tcp-connect", "haproxy", Some(400.0)),
+            sample("tcp-connect", "router-splice", Some(500.0)),
+            sample("tcp-connect", "router-socket-lb", Some(980.0)),
+        ];
+        if let Ok(m) = &mut samples[3].outcome {
+            m.proxy_cpu = Some(0.001);
+            m.kernel_connects = Some(4900);
+        }
+        let rows = aggregate(&samples);
+        let mut out = String::new();
+        tcp_route_table(&mut out, &rows);
+        assert!(
+            out.contains(
+                "| tcp-connect | router-socket-lb | 980/s | 0.98× | 2.45× | 1.96× | 0.001 | 4900 |"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("| tcp-connect | direct | 1000/s |  | 2.50× | 2.00× | – | – |"),
+            "{out}"
+        );
     }
 }

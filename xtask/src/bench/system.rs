@@ -57,6 +57,26 @@ fn parse_cpu_line(stat: &str) -> anyhow::Result<CpuTimes> {
     })
 }
 
+/// CPU seconds (user + system) that `pid` and its child processes have used so far; `None`
+/// when the process is gone.
+pub fn cpu_seconds_tree(pid: u32) -> Option<f64> {
+    let own = cpu_seconds(pid)?;
+    Some(
+        own + children(pid)
+            .into_iter()
+            .filter_map(cpu_seconds)
+            .sum::<f64>(),
+    )
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After `(comm)`: state is field 3 of the line, utime 14 and stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / TICKS_PER_SEC)
+}
+
 /// Peak resident memory (`VmHWM`) of `pid` plus that of its child processes (nginx workers), in
 /// bytes; `None` when the process is gone.
 pub fn peak_rss_tree(pid: u32) -> Option<u64> {

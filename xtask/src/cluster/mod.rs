@@ -8,6 +8,7 @@
 //!
 //! Stdout carries only the node lines (`node<i> DOCKER_HOST=.. NETNS=.. ADDR=..`); progress goes
 //! to stderr. Tests read the state file, [`plan::STATE_FILE`].
+mod demo;
 mod images;
 mod node;
 mod plan;
@@ -108,12 +109,24 @@ fn create(nodes: &[Node]) -> anyhow::Result<()> {
 /// Loads images that changed on the host since the cluster came up, and moves the agents onto a
 /// new agent image.
 fn refresh_images(nodes: &[Node]) -> anyhow::Result<()> {
+    // The stack file may have changed since: deploying an unchanged stack changes nothing.
+    swarm::deploy_stack(&nodes[0])?;
     if images::load_into(nodes)? {
         eprintln!("cluster: restarting the agents on the new router-agent image");
         swarm::restart_agents(&nodes[0])?;
         swarm::wait_agents(nodes, Duration::from_mins(1))?;
     }
     Ok(())
+}
+
+/// `cargo xtask cluster demo`: `up` (keeping the cluster's shape), then the seed's stack.
+pub fn demo(seconds: u64) -> anyhow::Result<()> {
+    up(&Options {
+        nodes: None,
+        managers: None,
+    })?;
+    let (nodes, managers) = recorded_shape().context("no cluster state after `up`")?;
+    demo::run(&plan::nodes(nodes, managers)?, seconds)
 }
 
 pub fn down() -> anyhow::Result<()> {

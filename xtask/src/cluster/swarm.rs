@@ -87,22 +87,28 @@ fn wait_nodes_ready(nodes: &[Node], timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// What the agents of this machine's cluster log: their answers' failure paths and the
+/// cluster's comings and goings too, so that a failed cluster test can be read from
+/// `docker service logs router_agent`.
+const AGENT_LOG: &str = "info,router_agent::proxy::connection=debug,router_agent::cluster=debug";
+
 /// `docker stack deploy` of `deploy/stack.yml`, never asking a registry for image digests.
 pub fn deploy_stack(manager: &Node) -> anyhow::Result<()> {
     let file = cmd::workspace_root().join("deploy/stack.yml");
-    docker(
-        manager,
-        &[
-            "stack",
-            "deploy",
-            "--resolve-image",
-            "never",
-            "-c",
-            file.to_str().context("non-UTF-8 path")?,
-            plan::STACK,
-        ],
-    )
-    .context("docker stack deploy of deploy/stack.yml failed")?;
+    let output = std::process::Command::new(cmd::docker())
+        .args(["-H", &manager.docker_host()])
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(&file)
+        .arg(plan::STACK)
+        .env("RUST_LOG", AGENT_LOG)
+        .output()
+        .context("could not run docker")?;
+    if !output.status.success() {
+        bail!(
+            "docker stack deploy of deploy/stack.yml failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
     Ok(())
 }
 

@@ -1,30 +1,45 @@
 //! The registry: the single owner of what the agent knows about containers and their health.
 //!
-//! Discovery, probes and the proxy (passive failures) send it messages; it applies them in order
-//! and, when something visible changed, publishes a new routing table and a new admin view by
-//! atomic swap. Nothing else mutates routing state, so there are no locks on the request path.
+//! Discovery, probes, the proxy (passive failures) and, in a cluster, the other nodes' agents
+//! send it messages; it applies them in order and, when something visible changed, publishes a
+//! new routing table by atomic swap. Nothing else mutates routing state, so there are no locks
+//! on the request path. This node's own containers also go out as a feed of changes, which the
+//! cluster port streams to the other nodes.
+//!
+//! `entry` holds one local container, `passive` what proxy failures do, `remote` the other
+//! nodes' containers, `publish` the building of the table.
+mod entry;
+mod passive;
+mod publish;
+mod remote;
+
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, warn};
 
+use self::{entry::Entry, remote::RemoteNodes};
+pub use self::{
+    entry::{ContainerView, HistoryItem},
+    remote::PeerEvent,
+};
 use crate::{
     cidr::Cidr,
-    discovery::{ContainerInfo, DockerHandle, NetworkAddress, Update, short},
-    health::{BackendHealth, BackendState, DockerHealth, ProbeTracker, ProbeVerdict},
-    labels::{self, ContainerSpec, LabelError, ProbeSpec, RouteSpec, Scheme},
-    probe::{self, ProbeOutcome, TaskGuard},
-    table::{Backend, BackendStats, RouteInput, RouteKey, RoutingTable},
+    cluster::wire::SharedContainer,
+    discovery::{ContainerInfo, DockerHandle, Update, short},
+    health::{BackendHealth, BackendState, ProbeTracker},
+    labels,
+    probe::{self, ProbeOutcome},
+    table::{BackendStats, RouteKey, RoutingTable},
 };
 
 /// Everything the registry hears.
@@ -57,8 +72,36 @@ pub enum Message {
     },
     /// The admin API asks for every container's view (built on demand: histories change with
     /// every failed check, and publishing them each time would cost a copy of all of them).
-    ViewContainers(tokio::sync::oneshot::Sender<Vec<ContainerView>>),
+    ViewContainers(oneshot::Sender<Vec<ContainerView>>),
+    /// Who this node is in its Swarm (cluster mode).
+    OwnNode {
+        node_id: String,
+        addr: IpAddr,
+    },
+    /// About another node of the cluster.
+    Peer(PeerEvent),
+    /// The cluster port subscribes to this node's containers.
+    SubscribeLocal(oneshot::Sender<LocalFeed>),
 }
+
+/// This node's containers, for the other nodes' agents: what is there now, and every change
+/// after it (in order; a subscriber that falls behind the channel starts over).
+#[derive(Debug)]
+pub struct LocalFeed {
+    pub containers: Vec<SharedContainer>,
+    pub cidrs: Vec<Cidr>,
+    pub changes: broadcast::Receiver<LocalChange>,
+}
+
+#[derive(Clone, Debug)]
+pub enum LocalChange {
+    Upsert(SharedContainer),
+    Remove(String),
+    Cidrs(Vec<Cidr>),
+}
+
+/// Changes a slow subscriber may lag behind before it must start over with a snapshot.
+const FEED_CAPACITY: usize = 4096;
 
 /// What the registry publishes for readers (proxy, admin API).
 pub struct Published {
@@ -90,75 +133,10 @@ impl Published {
     }
 }
 
-/// One container as the admin API shows it ("why is this not routed?").
-#[derive(Serialize, Debug, Clone)]
-pub struct ContainerView {
-    pub id: String,
-    pub name: String,
-    pub address: Option<IpAddr>,
-    pub networks: Vec<NetworkAddress>,
-    pub state: BackendState,
-    pub routed: bool,
-    /// Why it receives no new requests, when it does not.
-    pub not_routed_because: Option<String>,
-    pub routes: Vec<RouteSpec>,
-    pub sticky: Option<bool>,
-    pub weight: Option<u32>,
-    pub probe: Option<ProbeSpec>,
-    pub probe_verdict: Option<ProbeVerdict>,
-    pub docker_health: Option<DockerHealth>,
-    pub errors: Vec<LabelError>,
-    pub history: Vec<HistoryItem>,
-}
-
-#[derive(Serialize, Debug, Clone)]
-pub struct HistoryItem {
-    pub at_unix_ms: u64,
-    pub event: String,
-}
-
-const HISTORY_LEN: usize = 32;
-
-/// How long a backend without a probe stays out after failed exchanges before its port is
-/// checked again: it accepts connections all along, so only time can tell whether it
-/// recovered (Envoy's outlier detection ejects for a base time in the same way).
-const EJECTION_TIME: Duration = Duration::from_secs(10);
-
-struct Entry {
-    info: ContainerInfo,
-    spec: Result<ContainerSpec, Vec<LabelError>>,
-    health: BackendHealth,
-    stats: Arc<BackendStats>,
-    /// Tags the results of the current checker task.
-    generation: u64,
-    /// The probe task, or the recovery check after a passive failure.
-    checker: Option<TaskGuard>,
-    history: VecDeque<HistoryItem>,
-    /// Its probe's first run was due when the probe task started (the container has been
-    /// running longer than the initial delay).
-    first_check_due_at_once: bool,
-}
-
-impl Entry {
-    fn remember(&mut self, event: String) {
-        if self.history.len() == HISTORY_LEN {
-            self.history.pop_front();
-        }
-        self.history.push_back(HistoryItem {
-            at_unix_ms: unix_ms(),
-            event,
-        });
-    }
-
-    fn probe_spec(&self) -> Option<&ProbeSpec> {
-        self.spec.as_ref().ok().and_then(|s| s.probe.as_ref())
-    }
-}
-
 /// What the registry is told once, at start.
 pub struct RegistrySettings {
     pub default_domain: String,
-    /// Derive the internal CIDRs from the Docker networks.
+    /// Derive the internal CIDRs from the Docker networks (and the cluster's nodes).
     pub auto_cidrs: bool,
     /// Requests in flight per backend container, when limited.
     pub backend_max_connections: Option<usize>,
@@ -169,11 +147,21 @@ pub struct Registry {
     docker: DockerHandle,
     sender: mpsc::UnboundedSender<Message>,
     published: Arc<Published>,
+    /// This node's containers.
     containers: HashMap<String, Entry>,
+    /// The other nodes' containers (cluster mode).
+    remote: RemoteNodes,
+    /// This node's Swarm id and address (cluster mode).
+    own_node: Option<(String, IpAddr)>,
+    /// Subnets of this node's Docker networks.
+    local_cidrs: Vec<Cidr>,
     cursors: HashMap<RouteKey, Arc<AtomicUsize>>,
     next_generation: u64,
     /// Until the agent is ready: the containers whose first check is still to report.
     startup: Startup,
+    /// Local containers whose shared view changed in the current batch.
+    dirty: HashSet<String>,
+    local_changes: broadcast::Sender<LocalChange>,
 }
 
 /// The way to readiness: the first sync, then the first result of every check that is due at
@@ -197,9 +185,14 @@ impl Registry {
             sender,
             published,
             containers: HashMap::new(),
+            remote: RemoteNodes::default(),
+            own_node: None,
+            local_cidrs: Vec::new(),
             cursors: HashMap::new(),
             next_generation: 0,
             startup: Startup::BeforeSync,
+            dirty: HashSet::new(),
+            local_changes: broadcast::channel(FEED_CAPACITY).0,
         }
     }
 
@@ -211,6 +204,7 @@ impl Registry {
             while let Ok(message) = inbox.try_recv() {
                 changed |= self.apply(message);
             }
+            self.send_local_changes();
             if changed {
                 self.publish();
             }
@@ -260,6 +254,36 @@ impl Registry {
                 let _ = reply.send(self.views());
                 false
             }
+            Message::OwnNode { node_id, addr } => {
+                info!(node = %node_id, %addr, "this node in the Swarm");
+                self.own_node = Some((node_id, addr));
+                true
+            }
+            Message::Peer(event) => self.remote.apply(
+                event,
+                &self.settings.default_domain,
+                self.settings.backend_max_connections,
+            ),
+            Message::SubscribeLocal(reply) => {
+                let _ = reply.send(LocalFeed {
+                    containers: self.containers.values().map(Entry::shared).collect(),
+                    cidrs: self.local_cidrs.clone(),
+                    changes: self.local_changes.subscribe(),
+                });
+                false
+            }
+        }
+    }
+
+    /// Sends the batch's changes of local containers to the other nodes' agents.
+    fn send_local_changes(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            let change = match self.containers.get(&id) {
+                Some(entry) => LocalChange::Upsert(entry.shared()),
+                None => LocalChange::Remove(id),
+            };
+            // No subscriber is fine: single-host mode, or no peer connected yet.
+            let _ = self.local_changes.send(change);
         }
     }
 
@@ -279,16 +303,21 @@ impl Registry {
         };
         let before = entry.health.state();
         f(entry);
-        Self::note_transition(entry, before)
+        self.note_transition(id, before)
     }
 
-    fn note_transition(entry: &mut Entry, before: BackendState) -> bool {
+    /// Logs and remembers a change of the entry's state; returns whether there was one.
+    fn note_transition(&mut self, id: &str, before: BackendState) -> bool {
+        let Some(entry) = self.containers.get_mut(id) else {
+            return false;
+        };
         let after = entry.health.state();
         if before == after {
             return false;
         }
         info!(container = %entry.info.name, id = %short(&entry.info.id), "backend {before:?} -> {after:?}");
         entry.remember(format!("state {before:?} -> {after:?}").to_lowercase());
+        self.dirty.insert(id.to_owned());
         true
     }
 
@@ -329,12 +358,15 @@ impl Registry {
                 true
             }
             Update::Networks(cidrs) => {
-                if self.settings.auto_cidrs {
-                    let mut all = Cidr::loopback().to_vec();
-                    all.extend(cidrs);
-                    self.published.internal_cidrs.store(Arc::new(all));
+                if cidrs != self.local_cidrs {
+                    self.local_cidrs = cidrs;
+                    let _ = self
+                        .local_changes
+                        .send(LocalChange::Cidrs(self.local_cidrs.clone()));
                 }
-                false
+                // The internal ranges change, not the routes: no new table needed, but the
+                // ranges are published with one.
+                true
             }
             Update::EngineConnected(connected) => {
                 self.published
@@ -358,19 +390,23 @@ impl Registry {
     }
 
     fn upsert(&mut self, info: ContainerInfo) -> bool {
-        if let Some(entry) = self.containers.get_mut(&info.id) {
+        let id = info.id.clone();
+        if let Some(entry) = self.containers.get_mut(&id) {
             if entry.info.address == info.address && entry.info.labels == info.labels {
                 // Same run, same place: only the descriptive parts may have changed.
                 let changed = entry.info.name != info.name;
                 entry.info = info;
+                if changed {
+                    self.dirty.insert(id);
+                }
                 return changed;
             }
             // New address (network change): same health, new checks against the new address.
             let old = entry.info.address;
             entry.remember(format!("address {old:?} -> {:?}", info.address));
             entry.info = info;
-            let id = entry.info.id.clone();
             self.restart_checker(&id);
+            self.dirty.insert(id);
             return true;
         }
         let spec = labels::parse(&info.labels, &self.settings.default_domain);
@@ -380,7 +416,7 @@ impl Registry {
             }
         }
         if spec.is_ok() && info.address.is_none() {
-            warn!(container = %info.name, id = %short(&info.id), "no IPv4 address on any network; container not routed");
+            warn!(container = %info.name, id = %short(&info.id), "no IPv4 address reachable from this node; container not routed");
         }
         let probe = spec.as_ref().ok().and_then(|s| s.probe.as_ref());
         let health = BackendHealth::new(
@@ -412,9 +448,9 @@ impl Registry {
                 }
             }
         }
-        let id = entry.info.id.clone();
         self.containers.insert(id.clone(), entry);
         self.restart_checker(&id);
+        self.dirty.insert(id);
         true
     }
 
@@ -460,199 +496,28 @@ impl Registry {
             return false;
         };
         info!(container = %entry.info.name, id = %short(id), "container removed: {why}");
+        self.dirty.insert(id.to_owned());
         true
     }
 
-    /// A refused or unreachable backend is out at once: nothing was sent, so this is about
-    /// the backend, not about a request.
-    fn connect_failed(&mut self, id: &str, addr: SocketAddr, error: &str) -> bool {
-        let up = self
-            .containers
-            .get(id)
-            .is_some_and(|e| e.health.state() == BackendState::Up);
-        if !up {
-            return false;
-        }
-        self.take_out(
-            id,
-            addr,
-            &format!("connection to {addr} failed: {error}"),
-            Duration::ZERO,
-        )
-    }
-
-    /// The error limit was reached. Failed exchanges can be caused by the requests themselves,
-    /// so they take a backend out only while at least half of every route it serves stays up
-    /// (`health::may_eject`); either way the streak starts over.
-    fn error_streak(&mut self, id: &str, addr: SocketAddr, errors: u32, last_error: &str) -> bool {
-        let Some(entry) = self.containers.get(id) else {
-            return false;
-        };
-        entry.stats.reset_errors();
-        if entry.health.state() != BackendState::Up {
-            return false;
-        }
-        let why = format!("{errors} failed exchanges in a row (last: {last_error})");
-        if let Some(route) = self.route_kept_by_ejection_cap(id) {
-            let entry = self.containers.get_mut(id).expect("checked above");
-            warn!(container = %entry.info.name, id = %short(id), %addr, "{why}; kept in: taking it out would leave fewer than half of {route} up");
-            entry.remember(format!(
-                "{why}; kept in to leave at least half of {route} up"
-            ));
-            return false;
-        }
-        self.take_out(id, addr, &why, EJECTION_TIME)
-    }
-
-    /// A route of the container that passive health must not thin out further, if any.
-    fn route_kept_by_ejection_cap(&self, id: &str) -> Option<String> {
-        let spec = self.containers.get(id)?.spec.as_ref().ok()?;
-        spec.routes.iter().find_map(|route| {
-            let key = route_key(route);
-            let (mut up, mut backends) = (0, 0);
-            for entry in self.containers.values() {
-                let serves = entry
-                    .spec
-                    .as_ref()
-                    .is_ok_and(|s| s.routes.iter().any(|r| route_key(r) == key));
-                if serves && entry.info.address.is_some() {
-                    backends += 1;
-                    up += usize::from(entry.health.state() == BackendState::Up);
-                }
-            }
-            (!crate::health::may_eject(up, backends))
-                .then(|| format!("{}://{}{}", route.scheme, route.domain, route.path))
-        })
-    }
-
-    /// Takes an `up` backend out until its probe passes again, or, without a probe, until its
-    /// port accepts connections again (checked after `hold`, then every recovery period).
-    fn take_out(&mut self, id: &str, addr: SocketAddr, why: &str, hold: Duration) -> bool {
-        self.next_generation += 1;
-        let generation = self.next_generation;
-        let Some(entry) = self.containers.get_mut(id) else {
-            return false;
-        };
-        let before = entry.health.state();
-        warn!(container = %entry.info.name, id = %short(id), %addr, "{why}; taking the backend out");
-        entry.health.record_passive_failure();
-        entry.remember(why.to_owned());
-        if entry.health.probe.is_none() {
-            // No probe will notice the recovery: check the port until it accepts again.
-            entry.generation = generation;
-            entry.checker = Some(probe::spawn_recovery(
-                id.to_owned(),
-                generation,
-                addr,
-                hold,
-                self.sender.clone(),
-            ));
-        }
-        Self::note_transition(entry, before)
-    }
-
-    fn publish(&mut self) {
-        let mut routes: BTreeMap<RouteKey, RouteInput> = BTreeMap::new();
-        let mut sorted: Vec<&Entry> = self.containers.values().collect();
-        sorted.sort_by(|a, b| (&a.info.name, &a.info.id).cmp(&(&b.info.name, &b.info.id)));
-        for entry in &sorted {
-            let (Ok(spec), Some(ip)) = (&entry.spec, entry.info.address) else {
-                continue;
-            };
-            let state = entry.health.state();
-            for route in &spec.routes {
-                let key = route_key(route);
-                let cursor = self.cursors.entry(key.clone()).or_default().clone();
-                let input = routes.entry(key.clone()).or_insert_with(|| RouteInput {
-                    key,
-                    domain: route.domain.clone(),
-                    scheme: route.scheme,
-                    sticky: true,
-                    backends: Vec::new(),
-                    cursor,
-                });
-                // One container opting out of stickiness turns it off for the route: the cookie
-                // would otherwise pin sessions to some replicas and not others.
-                input.sticky &= spec.sticky;
-                if route.scheme == Scheme::Ws {
-                    input.scheme = Scheme::Ws;
-                }
-                input.backends.push(Backend {
-                    container_id: entry.info.id.as_str().into(),
-                    container_name: entry.info.name.as_str().into(),
-                    addr: SocketAddr::new(ip, route.container_port),
-                    weight: spec.weight,
-                    state,
-                    stats: entry.stats.clone(),
-                });
-            }
-        }
-        let live: HashSet<&RouteKey> = routes.keys().collect();
-        self.cursors.retain(|k, _| live.contains(k));
-        self.published.table.store(Arc::new(RoutingTable::build(
-            routes.into_values().collect(),
-        )));
-        self.published.table_version.send_modify(|v| *v += 1);
-    }
-}
-
-/// Where a route is served: the key every container of the route shares.
-fn route_key(route: &RouteSpec) -> RouteKey {
-    match route.listen_port {
-        Some(listen_port) => RouteKey::Tcp { listen_port },
-        None => RouteKey::Http {
-            domain: route.domain.clone(),
-            path: route.path.clone(),
-        },
-    }
-}
-
-impl Registry {
-    /// Every container as the admin API shows it, sorted by name.
+    /// Every container as the admin API shows it, sorted by name: this node's, then, in a
+    /// cluster, the other nodes'.
     fn views(&self) -> Vec<ContainerView> {
-        let mut sorted: Vec<&Entry> = self.containers.values().collect();
-        sorted.sort_by(|a, b| (&a.info.name, &a.info.id).cmp(&(&b.info.name, &b.info.id)));
-        sorted.into_iter().map(view).collect()
+        let mut local: Vec<&Entry> = self.containers.values().collect();
+        local.sort_by(|a, b| (&a.info.name, &a.info.id).cmp(&(&b.info.name, &b.info.id)));
+        let mut views: Vec<ContainerView> = local.into_iter().map(Entry::view).collect();
+        let mut remote: Vec<ContainerView> = self
+            .remote
+            .nodes
+            .iter()
+            .flat_map(|(node_id, node)| {
+                node.containers.values().map(move |entry| {
+                    ContainerView::remote(node_id, &entry.shared, &entry.spec, node.reachable)
+                })
+            })
+            .collect();
+        remote.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+        views.extend(remote);
+        views
     }
-}
-
-fn view(entry: &Entry) -> ContainerView {
-    let state = entry.health.state();
-    let spec = entry.spec.as_ref().ok();
-    let not_routed_because = match (&entry.spec, entry.info.address, state) {
-        (Err(_), _, _) => Some("label errors (see errors)".to_owned()),
-        (_, None, _) => Some("no IPv4 address on any network".to_owned()),
-        (_, _, BackendState::Starting) => {
-            Some("starting: the health check has not passed yet".to_owned())
-        }
-        (_, _, BackendState::Down) => Some("down: failing its health check".to_owned()),
-        (_, _, BackendState::Draining) => Some("draining: Docker is stopping it".to_owned()),
-        (Ok(spec), _, BackendState::Up) if spec.weight == 0 => {
-            Some("weight 0: no new sessions".to_owned())
-        }
-        _ => None,
-    };
-    ContainerView {
-        id: entry.info.id.clone(),
-        name: entry.info.name.clone(),
-        address: entry.info.address,
-        networks: entry.info.networks.clone(),
-        state,
-        routed: not_routed_because.is_none(),
-        not_routed_because,
-        routes: spec.map(|s| s.routes.clone()).unwrap_or_default(),
-        sticky: spec.map(|s| s.sticky),
-        weight: spec.map(|s| s.weight),
-        probe: spec.and_then(|s| s.probe.clone()),
-        probe_verdict: entry.health.probe.as_ref().map(ProbeTracker::verdict),
-        docker_health: entry.health.docker,
-        errors: entry.spec.as_ref().err().cloned().unwrap_or_default(),
-        history: entry.history.iter().cloned().collect(),
-    }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
