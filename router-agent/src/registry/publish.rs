@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use super::{Registry, entry::Entry, remote::host_cidr};
+use super::{Registry, entry::Entry};
 use crate::{
     cidr::Cidr,
     health::BackendState,
@@ -110,16 +110,17 @@ impl Registry {
         self.published.table_version.send_modify(|v| *v += 1);
     }
 
-    /// Loopback, this node's Docker networks, and in a cluster every node's networks and
-    /// addresses: the clients that may reach `*.local` domains. A fixed `--internal-cidr`
-    /// replaces all of it.
+    /// Loopback, the host's own addresses, this node's Docker networks, and in a cluster every
+    /// node's networks and addresses: the clients that may reach `*.local` domains. A fixed
+    /// `--internal-cidr` replaces all of it.
     fn publish_internal_cidrs(&self) {
         if !self.settings.auto_cidrs {
             return;
         }
         let mut all: Vec<Cidr> = Cidr::loopback().to_vec();
+        all.extend(self.host_cidrs.iter().copied());
         all.extend(self.local_cidrs.iter().copied());
-        all.extend(self.own_node.as_ref().map(|(_, addr)| host_cidr(*addr)));
+        all.extend(self.own_node.as_ref().map(|(_, addr)| Cidr::host(*addr)));
         all.extend(self.remote.internal_cidrs());
         all.sort_by_key(ToString::to_string);
         all.dedup();
