@@ -10,7 +10,7 @@ use super::{Registry, entry::Entry};
 use crate::{
     cidr::Cidr,
     health::BackendState,
-    labels::{ContainerSpec, RouteSpec, Scheme},
+    labels::{ContainerSpec, RouteSpec},
     table::{Backend, BackendStats, RouteInput, RouteKey, RoutingTable},
 };
 
@@ -87,8 +87,10 @@ impl Registry {
                 // One container opting out of stickiness turns it off for the route: the cookie
                 // would otherwise pin sessions to some replicas and not others.
                 input.sticky &= container.spec.sticky;
-                if route.scheme == Scheme::Ws {
-                    input.scheme = Scheme::Ws;
+                // A WebSocket scheme (ws, wss) wins over a plain one; otherwise the first
+                // container's scheme (by name) stays, https and http alike.
+                if route.scheme.is_websocket() && !input.scheme.is_websocket() {
+                    input.scheme = route.scheme;
                 }
                 input.backends.push(Backend {
                     container_id: container.id.into(),
