@@ -11,7 +11,9 @@ use crate::{cidr::Cidr, http::HeadLimits};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathMode {
-    /// Copy small messages, splice large bodies, offload tunnels to the kernel when available.
+    /// Copy small messages; splice bodies of 256 KiB and more (`splice_threshold_bytes`);
+    /// splice WebSocket tunnels; hand `tcp://` route tunnels to the kernel (sockhash) when the
+    /// eBPF program loaded, else splice them.
     #[default]
     Auto,
     Copy,
