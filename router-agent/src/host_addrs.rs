@@ -29,6 +29,15 @@ pub fn read() -> Vec<Cidr> {
     }
 }
 
+/// The addresses for a log line: `127.0.0.1/32, ::1/128`.
+pub fn list(cidrs: &[Cidr]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One range per distinct address, in a stable order.
 fn ranges(addresses: impl IntoIterator<Item = IpAddr>) -> Vec<Cidr> {
     let mut all: Vec<Cidr> = addresses.into_iter().map(Cidr::host).collect();
@@ -49,7 +58,7 @@ pub async fn watch(registry: mpsc::UnboundedSender<Message>) {
         if known.as_ref() == Some(&now) {
             continue;
         }
-        debug!(addresses = ?now, "read the host's addresses");
+        debug!(addresses = %list(&now), "read the host's addresses");
         known = Some(now.clone());
         if registry.send(Message::HostAddresses(now)).is_err() {
             return;

@@ -184,7 +184,9 @@ impl Registry {
         published: Arc<Published>,
     ) -> Self {
         let host_cidrs = if settings.auto_cidrs {
-            host_addrs::read()
+            let cidrs = host_addrs::read();
+            info!(addresses = %host_addrs::list(&cidrs), "the host's own addresses (internal clients)");
+            cidrs
         } else {
             Vec::new()
         };
@@ -291,7 +293,7 @@ impl Registry {
         if !self.settings.auto_cidrs || cidrs == self.host_cidrs {
             return false;
         }
-        info!(addresses = ?cidrs, "the host's own addresses (internal clients)");
+        info!(addresses = %host_addrs::list(&cidrs), "the host's own addresses changed (internal clients)");
         self.host_cidrs = cidrs;
         true
     }
