@@ -30,6 +30,13 @@ pub enum Scheme {
 }
 
 impl Scheme {
+    /// The domain's clients speak TLS to a terminator in front of the router (`https`, `wss`):
+    /// the backend is told so in `X-Forwarded-Proto`.
+    #[must_use]
+    pub fn behind_tls(self) -> bool {
+        matches!(self, Self::Https | Self::Wss)
+    }
+
     /// The scheme the route is served with: `https`/`wss` routes arrive as plain HTTP from the
     /// TLS terminator in front of the router.
     #[must_use]

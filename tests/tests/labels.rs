@@ -110,6 +110,10 @@ fn https_and_wss_routes_are_served_behind_a_tls_terminator() {
     let response = client::get(agent.http_addr(), &https_domain, "/", &[]).expect("request");
     assert_eq!(response.status, 200);
     assert_eq!(response.backend(), Some(web.short_id()));
+    // The client spoke TLS to the terminator: the backend builds its links with https.
+    let seen = client::get(agent.http_addr(), &https_domain, "/headers", &[]).expect("request");
+    let seen = String::from_utf8_lossy(&seen.body).to_ascii_lowercase();
+    assert!(seen.contains("\r\nx-forwarded-proto: https\r\n"), "{seen}");
 
     let (mut socket, head) = WebSocket::connect(agent.http_addr(), &wss_domain).expect("upgrade");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");

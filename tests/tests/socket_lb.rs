@@ -682,7 +682,10 @@ fn programs_linked_under(pins: &std::path::Path) -> Vec<String> {
     let mut ids = Vec::new();
     for dir in std::fs::read_dir(pins.join("socket-lb")).expect("the pin directory") {
         let dir = dir.expect("a pin directory entry").path();
-        if !dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("cgroup-")) {
+        if !dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("cgroup-"))
+        {
             continue;
         }
         for link in std::fs::read_dir(&dir).expect("the cgroup's links") {
@@ -721,7 +724,11 @@ fn socket_lb_uninstall_detaches_the_programs_and_removes_every_pin() {
     wait_kernel_serves(&agent, route.port, &[&backend]);
     let pins = agent.release_pins();
     let ours_before = programs_linked_under(&pins);
-    assert_eq!(ours_before.len(), 2, "connect4 and getpeername4: {ours_before:?}");
+    assert_eq!(
+        ours_before.len(),
+        2,
+        "connect4 and getpeername4: {ours_before:?}"
+    );
     agent.terminate(Duration::from_secs(20));
     assert!(pins.exists(), "the pins outlive the agent");
     let attached = attached_programs();
