@@ -16,7 +16,7 @@ use crate::{
     config::{ClusterMode, Config, DatapathMode, SocketLbMode},
     discovery,
     ebpf::KernelOffload,
-    handover,
+    handover, host_addrs,
     metrics::Metrics,
     proxy::{self, Phase, ProxyContext},
     registry::{Message, Published, Registry, RegistrySettings},
@@ -49,6 +49,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
         .run(registry_rx),
     );
+    if config.internal_cidrs.is_none() {
+        tokio::spawn(host_addrs::watch(registry_tx.clone()));
+    }
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel();
     tokio::spawn(discovery::run(
         config.docker_host.clone(),

@@ -24,6 +24,13 @@ impl Cidr {
         }
     }
 
+    /// The range of this one address (`/32` or `/128`).
+    pub fn host(ip: IpAddr) -> Self {
+        let network = canonical(ip);
+        let prefix = if network.is_ipv4() { 32 } else { 128 };
+        Self { network, prefix }
+    }
+
     pub fn loopback() -> [Self; 2] {
         [
             "127.0.0.0/8".parse().expect("valid"),

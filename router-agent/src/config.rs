@@ -11,7 +11,9 @@ use crate::{cidr::Cidr, http::HeadLimits};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathMode {
-    /// Copy small messages, splice large bodies, offload tunnels to the kernel when available.
+    /// Copy small messages; splice bodies of 256 KiB and more (`splice_threshold_bytes`);
+    /// splice WebSocket tunnels; hand `tcp://` route tunnels to the kernel (sockhash) when the
+    /// eBPF program loaded, else splice them.
     #[default]
     Auto,
     Copy,
@@ -104,8 +106,10 @@ pub struct Cli {
     /// Docker engine [default: `$DOCKER_HOST` or `unix:///var/run/docker.sock`].
     #[arg(long, env = "ROUTER_DOCKER_HOST")]
     pub docker_host: Option<String>,
-    /// Clients allowed to reach `*.local` domains (repeatable) [default: loopback plus the
-    /// subnets of the Docker networks].
+    /// Clients allowed to reach `*.local` domains (repeatable) [default: loopback, every
+    /// address of the host's own interfaces (followed as they change), the subnets of the
+    /// Docker networks, and in a cluster the nodes and their networks]. Given, it replaces the
+    /// whole default: list loopback and the host's addresses too if they should stay internal.
     #[arg(long, env = "ROUTER_INTERNAL_CIDR", value_delimiter = ',')]
     pub internal_cidr: Vec<Cidr>,
     /// Suffix for route hosts without a dot [default: local].
@@ -244,7 +248,7 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub docker_host: String,
-    /// `None`: derived from the Docker networks (plus loopback).
+    /// `None`: derived from loopback, the host's own addresses and the Docker networks.
     pub internal_cidrs: Option<Vec<Cidr>>,
     pub default_domain: String,
     pub datapath: DatapathMode,

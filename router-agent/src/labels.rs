@@ -22,6 +22,36 @@ pub enum Scheme {
     Ws,
     /// A raw TCP route on its own listening port.
     Tcp,
+    /// A domain exposed with TLS ended in front of the router (acsrouting's meaning): the route
+    /// itself carries plain HTTP and is served exactly as `Http`.
+    Https,
+    /// `Ws` behind a TLS terminator: served exactly as `Ws`.
+    Wss,
+}
+
+impl Scheme {
+    /// The domain's clients speak TLS to a terminator in front of the router (`https`, `wss`):
+    /// the backend is told so in `X-Forwarded-Proto`.
+    #[must_use]
+    pub fn behind_tls(self) -> bool {
+        matches!(self, Self::Https | Self::Wss)
+    }
+
+    /// The scheme the route is served with: `https`/`wss` routes arrive as plain HTTP from the
+    /// TLS terminator in front of the router.
+    #[must_use]
+    pub fn served_as(self) -> Self {
+        match self {
+            Self::Https => Self::Http,
+            Self::Wss => Self::Ws,
+            other => other,
+        }
+    }
+
+    /// Whether the route is meant to carry WebSocket (`ws` or `wss`).
+    pub fn is_websocket(self) -> bool {
+        self.served_as() == Self::Ws
+    }
 }
 
 impl fmt::Display for Scheme {
@@ -30,6 +60,8 @@ impl fmt::Display for Scheme {
             Self::Http => "http",
             Self::Ws => "ws",
             Self::Tcp => "tcp",
+            Self::Https => "https",
+            Self::Wss => "wss",
         })
     }
 }
@@ -334,10 +366,14 @@ fn parse_route(
         Some(("http", rest)) => (Scheme::Http, rest),
         Some(("ws", rest)) => (Scheme::Ws, rest),
         Some(("tcp", rest)) => (Scheme::Tcp, rest),
-        Some(("https" | "wss", _)) => {
-            return Err("https and wss routes are not supported yet; use http or ws".into());
+        // TLS is ended in front of the router (acsrouting's meaning): served as http / ws.
+        Some(("https", rest)) => (Scheme::Https, rest),
+        Some(("wss", rest)) => (Scheme::Wss, rest),
+        Some((other, _)) => {
+            return Err(format!(
+                "unknown scheme {other:?}; use http, https, ws, wss or tcp"
+            ));
         }
-        Some((other, _)) => return Err(format!("unknown scheme {other:?}; use http, ws or tcp")),
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -367,7 +403,7 @@ fn parse_route(
                 container_port,
             })
         }
-        Scheme::Http | Scheme::Ws => {
+        Scheme::Http | Scheme::Ws | Scheme::Https | Scheme::Wss => {
             if listen_port.is_some() {
                 return Err("a port is only allowed on tcp:// routes; http routes are served on the --listen addresses".into());
             }
@@ -576,6 +612,47 @@ mod tests {
     }
 
     #[test]
+    fn https_and_wss_routes_are_served_as_http_and_ws() {
+        let spec = parse(
+            &labels(&[
+                (
+                    "aliyun.routing.port_80",
+                    "https://shop.local/api;https://www",
+                ),
+                ("aliyun.routing.port_8080", "wss://chat.example.com"),
+            ]),
+            "local",
+        )
+        .unwrap();
+        let found = |domain: &str| spec.routes.iter().find(|r| r.domain == domain).unwrap();
+        let shop = found("shop.local");
+        assert_eq!(
+            (
+                shop.scheme,
+                shop.path.as_str(),
+                shop.container_port,
+                shop.listen_port
+            ),
+            (Scheme::Https, "/api", 80, None)
+        );
+        let www = found("www.local");
+        assert_eq!((www.scheme, www.path.as_str()), (Scheme::Https, "/"));
+        let chat = found("chat.example.com");
+        assert_eq!((chat.scheme, chat.container_port), (Scheme::Wss, 8080));
+        // The label's scheme is kept (shown in /api/routes); it is served as http / ws.
+        assert_eq!(Scheme::Https.to_string(), "https");
+        assert_eq!(Scheme::Wss.to_string(), "wss");
+        assert_eq!(Scheme::Https.served_as(), Scheme::Http);
+        assert_eq!(Scheme::Wss.served_as(), Scheme::Ws);
+        assert!(Scheme::Wss.is_websocket() && Scheme::Ws.is_websocket());
+        assert!(!Scheme::Https.is_websocket() && !Scheme::Tcp.is_websocket());
+        assert_eq!(
+            serde_json::to_value(Scheme::Wss).unwrap(),
+            serde_json::json!("wss")
+        );
+    }
+
+    #[test]
     fn bad_labels_are_reported_with_a_reason() {
         let cases: &[(&str, &str, &str)] = &[
             ("aliyun.routing.port_80", "Web.local", "lower-case"),
@@ -591,8 +668,13 @@ mod tests {
             ("aliyun.routing.port_80", "web.local/a b", "context path"),
             (
                 "aliyun.routing.port_80",
-                "https://web.local",
-                "not supported",
+                "https://web.local:443",
+                "only allowed on tcp",
+            ),
+            (
+                "aliyun.routing.port_80",
+                "http://web.local;https://web.local",
+                "duplicate route",
             ),
             (
                 "aliyun.routing.port_80",

@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod fast_hash;
 pub mod handover;
 pub mod health;
+pub mod host_addrs;
 pub mod http;
 pub mod labels;
 pub mod metrics;

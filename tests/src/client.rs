@@ -52,9 +52,33 @@ pub fn get(
     exchange(addr, request.as_bytes())
 }
 
+/// Like [`get`], from a connection bound to this source address (one of the host's own).
+pub fn get_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> io::Result<Response> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    exchange_on(socket.into(), request.as_bytes())
+}
+
 /// Sends raw bytes and parses the single response that comes back before EOF.
 pub fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    exchange_on(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))?,
+        request,
+    )
+}
+
+fn exchange_on(mut stream: TcpStream, request: &[u8]) -> io::Result<Response> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.write_all(request)?;
     let mut raw = Vec::new();

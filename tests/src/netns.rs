@@ -129,3 +129,35 @@ impl Drop for OutsideHost {
             .output();
     }
 }
+
+/// An address of this host on an interface of its own (a veth pair left in the host's
+/// namespace: this kernel has no `dummy` links), in none of the Docker networks: a connection
+/// bound to it comes from the host itself, as one that Docker masquerades to the host's uplink
+/// address does. Removed (with its interfaces) on drop.
+pub struct HostAddress {
+    link: String,
+    pub ip: std::net::IpAddr,
+}
+
+impl HostAddress {
+    /// `198.19.250.<host_octet>/32` on a new interface.
+    pub fn add(host_octet: u8) -> Self {
+        let link = format!("rth{}-{host_octet}", std::process::id() % 100_000);
+        let peer = format!("{link}p");
+        let address = std::net::IpAddr::from([198, 19, 250, host_octet]);
+        let _ = Command::new("ip").args(["link", "del", &link]).output();
+        ip(&["link", "add", &link, "type", "veth", "peer", "name", &peer]);
+        ip(&["addr", "add", &format!("{address}/32"), "dev", &link]);
+        ip(&["link", "set", &peer, "up"]);
+        ip(&["link", "set", &link, "up"]);
+        Self { link, ip: address }
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .output();
+    }
+}

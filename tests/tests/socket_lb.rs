@@ -676,6 +676,32 @@ fn socket_lb_a_stale_program_of_an_older_build_is_replaced_without_a_failed_conn
 /// The variable that gives an agent another build id (the agent's `BUILD_SALT_ENV`).
 const SALT_ENV: &str = "ROUTER_SOCKET_LB_BUILD_SALT";
 
+/// Ids of the programs behind the links an agent pinned under `pins` (other agents of this
+/// machine, of concurrent test runs, attach theirs to the same test cgroup).
+fn programs_linked_under(pins: &std::path::Path) -> Vec<String> {
+    let mut ids = Vec::new();
+    for dir in std::fs::read_dir(pins.join("socket-lb")).expect("the pin directory") {
+        let dir = dir.expect("a pin directory entry").path();
+        if !dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("cgroup-"))
+        {
+            continue;
+        }
+        for link in std::fs::read_dir(&dir).expect("the cgroup's links") {
+            let link = link.expect("a link pin").path();
+            let out = Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(&link)
+                .output()
+                .expect("bpftool runs");
+            let info: Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+            ids.push(info["prog_id"].to_string());
+        }
+    }
+    ids
+}
+
 /// Ids of the socket-LB programs attached to the tests' cgroup now.
 fn attached_programs() -> Vec<String> {
     let out = Command::new("bpftool")
@@ -697,14 +723,18 @@ fn socket_lb_uninstall_detaches_the_programs_and_removes_every_pin() {
     let backend = route.backend(&[]);
     wait_kernel_serves(&agent, route.port, &[&backend]);
     let pins = agent.release_pins();
-    let ours_before: Vec<String> = attached_programs();
-    assert!(ours_before.len() >= 2, "{ours_before:?}");
+    let ours_before = programs_linked_under(&pins);
+    assert_eq!(
+        ours_before.len(),
+        2,
+        "connect4 and getpeername4: {ours_before:?}"
+    );
     agent.terminate(Duration::from_secs(20));
     assert!(pins.exists(), "the pins outlive the agent");
-    assert_eq!(
-        attached_programs(),
-        ours_before,
-        "the programs stay attached"
+    let attached = attached_programs();
+    assert!(
+        ours_before.iter().all(|id| attached.contains(id)),
+        "the programs stay attached: {ours_before:?} in {attached:?}"
     );
 
     let out = Command::new(agent::agent_binary())
@@ -775,9 +805,13 @@ fn socket_lb_off_detaches_what_an_earlier_agent_pinned() {
     wait_kernel_serves(&old, route.port, &[&backend]);
     let pins = old.release_pins();
     let (port, admin) = (old.port, old.admin);
+    let ours = programs_linked_under(&pins);
     old.terminate(Duration::from_secs(20));
-    let ours: Vec<String> = attached_programs();
-    assert!(!ours.is_empty(), "pinned programs outlive the agent");
+    let attached = attached_programs();
+    assert!(
+        !ours.is_empty() && ours.iter().all(|id| attached.contains(id)),
+        "pinned programs outlive the agent: {ours:?} in {attached:?}"
+    );
 
     let off = Agent::start_with_pins(port, admin, pins.clone(), &[], &["--socket-lb", "off"]);
     assert!(

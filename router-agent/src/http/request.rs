@@ -78,6 +78,19 @@ pub struct RequestHead {
     pub sticky_id: Option<Range<usize>>,
     /// Bytes of the head in the input buffer; the body starts here.
     pub head_len: usize,
+    /// Where the `http` of the `X-Forwarded-Proto` the router wrote ends in the rewritten head
+    /// (`None` without forwarded headers): a route behind a TLS terminator makes it `https`.
+    pub forwarded_proto_end: Option<usize>,
+}
+
+impl RequestHead {
+    /// Says `X-Forwarded-Proto: https` in the rewritten head `out` (from [`parse`]): the route's
+    /// clients came through a TLS terminator in front of the router.
+    pub fn forward_as_https(&self, out: &mut Vec<u8>) {
+        if let Some(end) = self.forwarded_proto_end {
+            out.insert(end, b's');
+        }
+    }
 }
 
 /// Per-connection facts the rewritten head carries.
@@ -198,7 +211,7 @@ pub fn parse(
     let upgrade =
         method == Method::Get && !http10 && facts.connection_upgrade && facts.upgrade_websocket;
 
-    let head = RequestHead {
+    let mut head = RequestHead {
         method,
         http10,
         path,
@@ -209,8 +222,9 @@ pub fn parse(
         expect_continue: facts.expect_continue && !http10,
         sticky_id: facts.sticky_id.clone(),
         head_len,
+        forwarded_proto_end: None,
     };
-    write_forwarded_head(buf, &req, &head, &facts, ctx, out);
+    head.forwarded_proto_end = write_forwarded_head(buf, &req, &head, &facts, ctx, out);
     Ok(Some(head))
 }
 
@@ -362,6 +376,8 @@ fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> 
         .then(|| &s[prefix.len()..])
 }
 
+/// Writes the head the backend gets into `out`; returns where the `X-Forwarded-Proto` value
+/// ends, if the router wrote one.
 fn write_forwarded_head(
     buf: &[u8],
     req: &httparse::Request<'_, '_>,
@@ -369,7 +385,7 @@ fn write_forwarded_head(
     facts: &HeaderFacts,
     ctx: &ForwardContext<'_>,
     out: &mut Vec<u8>,
-) {
+) -> Option<usize> {
     out.clear();
     let path = &buf[head.path.clone()];
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
@@ -430,10 +446,15 @@ fn write_forwarded_head(
         }
         out.extend_from_slice(ctx.client_ip.as_bytes());
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+        out.extend_from_slice(b"X-Forwarded-Proto: http");
+        let proto_end = out.len();
+        out.extend_from_slice(b"\r\n");
         write_header(out, b"X-Forwarded-Host", &buf[head.host.clone()]);
+        out.extend_from_slice(b"\r\n");
+        return Some(proto_end);
     }
     out.extend_from_slice(b"\r\n");
+    None
 }
 
 fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -934,5 +955,25 @@ mod tests {
         assert_eq!(parse_all(raw.as_bytes()).0, Err(Reject::HeadersTooLarge));
         let raw = "GET /".to_owned() + &"a".repeat(9000);
         assert_eq!(parse_all(raw.as_bytes()).0, Err(Reject::UriTooLong));
+    }
+
+    #[test]
+    fn a_route_behind_tls_forwards_proto_https() {
+        let mut out = Vec::new();
+        let buf = b"GET / HTTP/1.1\r\nHost: web.local\r\nX-Forwarded-Proto: ftp\r\n\r\n";
+        let ctx = ForwardContext {
+            client_ip: "198.18.0.7",
+            forwarded_headers: true,
+        };
+        let head = parse(buf, &HeadLimits::default(), &ctx, &mut out)
+            .expect("valid")
+            .expect("complete");
+        head.forward_as_https(&mut out);
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(
+            text.contains("\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: web.local\r\n\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("ftp"), "{text}");
     }
 }

@@ -267,6 +267,9 @@ impl Connection {
             self.answer(404).await;
             return Ok(Next::Close);
         }
+        if route.scheme.behind_tls() {
+            head.forward_as_https(&mut self.request_head);
+        }
         let sticky = StickyId::new(head.sticky_id.clone().map(|r| &self.buf[r]));
         self.buf.advance(head.head_len);
         // A small body that arrived whole with its head leaves with it, in one write (and goes

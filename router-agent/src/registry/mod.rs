@@ -37,7 +37,7 @@ use crate::{
     cluster::wire::SharedContainer,
     discovery::{ContainerInfo, DockerHandle, Update, short},
     health::{BackendHealth, BackendState, ProbeTracker},
-    labels,
+    host_addrs, labels,
     probe::{self, ProbeOutcome},
     table::{BackendStats, RouteKey, RoutingTable},
 };
@@ -46,6 +46,8 @@ use crate::{
 #[derive(Debug)]
 pub enum Message {
     Discovery(Update),
+    /// The addresses of the host's interfaces changed (`host_addrs`).
+    HostAddresses(Vec<Cidr>),
     ProbeResult {
         id: String,
         generation: u64,
@@ -155,6 +157,8 @@ pub struct Registry {
     own_node: Option<(String, IpAddr)>,
     /// Subnets of this node's Docker networks.
     local_cidrs: Vec<Cidr>,
+    /// The host's own addresses, one range each (with `auto_cidrs` only).
+    host_cidrs: Vec<Cidr>,
     cursors: HashMap<RouteKey, Arc<AtomicUsize>>,
     next_generation: u64,
     /// Until the agent is ready: the containers whose first check is still to report.
@@ -179,7 +183,15 @@ impl Registry {
         sender: mpsc::UnboundedSender<Message>,
         published: Arc<Published>,
     ) -> Self {
+        let host_cidrs = if settings.auto_cidrs {
+            let cidrs = host_addrs::read();
+            info!(addresses = %host_addrs::list(&cidrs), "the host's own addresses (internal clients)");
+            cidrs
+        } else {
+            Vec::new()
+        };
         Self {
+            host_cidrs,
             settings,
             docker,
             sender,
@@ -215,6 +227,7 @@ impl Registry {
     fn apply(&mut self, message: Message) -> bool {
         match message {
             Message::Discovery(update) => self.apply_update(update),
+            Message::HostAddresses(cidrs) => self.set_host_cidrs(cidrs),
             Message::ProbeResult {
                 id,
                 generation,
@@ -273,6 +286,16 @@ impl Registry {
                 false
             }
         }
+    }
+
+    /// Remembers the host's addresses; reports whether they changed.
+    fn set_host_cidrs(&mut self, cidrs: Vec<Cidr>) -> bool {
+        if !self.settings.auto_cidrs || cidrs == self.host_cidrs {
+            return false;
+        }
+        info!(addresses = %host_addrs::list(&cidrs), "the host's own addresses changed (internal clients)");
+        self.host_cidrs = cidrs;
+        true
     }
 
     /// Sends the batch's changes of local containers to the other nodes' agents.
@@ -363,6 +386,11 @@ impl Registry {
                     let _ = self
                         .local_changes
                         .send(LocalChange::Cidrs(self.local_cidrs.clone()));
+                }
+                // A network created or removed adds or removes a host address (its gateway):
+                // read them again now rather than at the next poll.
+                if self.settings.auto_cidrs {
+                    self.set_host_cidrs(host_addrs::read());
                 }
                 // The internal ranges change, not the routes: no new table needed, but the
                 // ranges are published with one.

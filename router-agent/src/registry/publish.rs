@@ -6,11 +6,11 @@ use std::{
     sync::Arc,
 };
 
-use super::{Registry, entry::Entry, remote::host_cidr};
+use super::{Registry, entry::Entry};
 use crate::{
     cidr::Cidr,
     health::BackendState,
-    labels::{ContainerSpec, RouteSpec, Scheme},
+    labels::{ContainerSpec, RouteSpec},
     table::{Backend, BackendStats, RouteInput, RouteKey, RoutingTable},
 };
 
@@ -87,8 +87,10 @@ impl Registry {
                 // One container opting out of stickiness turns it off for the route: the cookie
                 // would otherwise pin sessions to some replicas and not others.
                 input.sticky &= container.spec.sticky;
-                if route.scheme == Scheme::Ws {
-                    input.scheme = Scheme::Ws;
+                // A WebSocket scheme (ws, wss) wins over a plain one; otherwise the first
+                // container's scheme (by name) stays, https and http alike.
+                if route.scheme.is_websocket() && !input.scheme.is_websocket() {
+                    input.scheme = route.scheme;
                 }
                 input.backends.push(Backend {
                     container_id: container.id.into(),
@@ -110,16 +112,17 @@ impl Registry {
         self.published.table_version.send_modify(|v| *v += 1);
     }
 
-    /// Loopback, this node's Docker networks, and in a cluster every node's networks and
-    /// addresses: the clients that may reach `*.local` domains. A fixed `--internal-cidr`
-    /// replaces all of it.
+    /// Loopback, the host's own addresses, this node's Docker networks, and in a cluster every
+    /// node's networks and addresses: the clients that may reach `*.local` domains. A fixed
+    /// `--internal-cidr` replaces all of it.
     fn publish_internal_cidrs(&self) {
         if !self.settings.auto_cidrs {
             return;
         }
         let mut all: Vec<Cidr> = Cidr::loopback().to_vec();
+        all.extend(self.host_cidrs.iter().copied());
         all.extend(self.local_cidrs.iter().copied());
-        all.extend(self.own_node.as_ref().map(|(_, addr)| host_cidr(*addr)));
+        all.extend(self.own_node.as_ref().map(|(_, addr)| Cidr::host(*addr)));
         all.extend(self.remote.internal_cidrs());
         all.sort_by_key(ToString::to_string);
         all.dedup();

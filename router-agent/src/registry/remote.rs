@@ -1,11 +1,7 @@
 //! The containers of the other nodes of a cluster, as their agents share them: each node's
 //! agent discovers and checks its own containers, and the others take its word for their
 //! state. Connections to them go through their node's agent (`via`).
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use tracing::{info, warn};
 
@@ -167,7 +163,7 @@ impl RemoteNodes {
                     .cidrs
                     .iter()
                     .copied()
-                    .chain(std::iter::once(host_cidr(node.info.addr)))
+                    .chain(std::iter::once(Cidr::host(node.info.addr)))
             })
             .collect()
     }
@@ -222,14 +218,6 @@ fn parse(shared: &SharedContainer, default_domain: &str) -> Result<ContainerSpec
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     labels::parse(&labels, default_domain)
-}
-
-/// A single address as a range.
-pub fn host_cidr(ip: IpAddr) -> Cidr {
-    let prefix = if ip.is_ipv4() { 32 } else { 128 };
-    format!("{ip}/{prefix}")
-        .parse()
-        .expect("an address is a valid range")
 }
 
 #[cfg(test)]
