@@ -11,13 +11,15 @@ use crate::{cidr::Cidr, http::HeadLimits};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathMode {
-    /// Copy small messages; splice bodies of 256 KiB and more (`splice_threshold_bytes`);
-    /// splice WebSocket tunnels; hand `tcp://` route tunnels to the kernel (sockhash) when the
-    /// eBPF program loaded, else splice them.
+    /// Copy small messages; splice bodies of 256 KiB and more (`splice_threshold_bytes`) and
+    /// every tunnel (WebSocket, `tcp://` routes).
     #[default]
     Auto,
+    /// Copy every byte in userspace.
     Copy,
+    /// Splice every body and tunnel.
     Splice,
+    /// Tunnels through the kernel (sockhash and the eBPF verdict program); bodies copied.
     Sockmap,
 }
 

@@ -194,12 +194,12 @@ fn tcp_route_echo_is_intact_through_every_datapath_mode() {
         );
         match mode {
             "copy" => assert!(copied >= 2 * SIZE && spliced == 0 && kernel == 0, "{mode}"),
-            "splice" => {
+            // `auto` splices tunnels (README.md, "Data path").
+            "splice" | "auto" => {
                 assert!(spliced >= 2 * SIZE && copied == 0 && kernel == 0, "{mode}");
             }
-            // `auto` sends tcp:// routes through the kernel, like `sockmap` (README.md, "Data
-            // path"). The kernel carries every byte, unless a direction's peer falls more than
-            // the kernel backlog bound behind: that direction is then demoted and copied in
+            // The kernel carries every byte, unless a direction's peer falls more than the
+            // kernel backlog bound behind: that direction is then demoted and copied in
             // userspace from there on. Each direction went through the kernel at least up to
             // the bound first.
             _ => {

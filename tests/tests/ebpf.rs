@@ -19,8 +19,8 @@ fn verdict_program_is_loaded_and_reported() {
     let routes = agent.json("/api/routes");
     assert_eq!(routes["datapath"]["kernel_offload"], true, "{routes}");
     assert_eq!(routes["datapath"]["mode"], "auto");
-    // `auto` picks per tunnel kind (README.md, "Data path").
-    assert_eq!(routes["datapath"]["tunnels"], "kernel", "{routes}");
+    // `auto` splices tunnels of every kind (README.md, "Data path").
+    assert_eq!(routes["datapath"]["tunnels"], "splice", "{routes}");
     assert_eq!(routes["datapath"]["websocket_tunnels"], "splice", "{routes}");
     assert!(
         bpftool_lists_verdict_program(),

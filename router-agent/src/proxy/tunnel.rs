@@ -63,17 +63,15 @@ impl ProxyContext {
         match (self.datapath, kind) {
             (Mode::Copy, _) => TunnelPath::Copy,
             (Mode::Sockmap, _) if kernel => TunnelPath::Kernel,
-            // From `cargo xtask bench --scenarios tunnel,ws-small,tcp-small --rounds 7`
-            // (README.md, "Performance"; medians, 2 CPUs shared with the load generator):
-            // - tcp:// routes go through the kernel. 8 x 64 MiB each way: kernel 2023 MiB/s at
-            //   0.99 CPU s/GiB, splice 1972 at 1.03 (a tie; 1421 and 1460 in a noisier run);
-            //   64-byte ping-pong: kernel 33673 messages/s, 60 us CPU each, splice 26146 and
-            //   72 us, copy 28672 and 66 us (p99 0.66, 0.62, 0.58 ms).
-            // - WebSocket tunnels are spliced: small frames were slowest through the kernel
-            //   in both runs (22120 messages/s, p99 1.34 ms, against 24432 and 1.10 ms
-            //   spliced, 25274 and 0.98 ms copied), and splice moves bulk 1.5 times faster
-            //   than copy at two thirds of its CPU.
-            (Mode::Auto, TunnelKind::TcpRoute) if kernel => TunnelPath::Kernel,
+            // `auto` splices every kind. `cargo xtask bench --scenarios tunnel,ws-small,tcp-small`
+            // (README.md, "Performance"), two runs on this 2-CPU machine: bulk (8 x 64 MiB each
+            // way) kernel 2023 against splice 1972 MiB/s at 0.99 and 1.03 CPU s/GiB, then 2179
+            // against 2555 at 0.93 and 0.80; 64-byte tcp ping-pong kernel 33673 against 26146
+            // messages/s, then 29910 against 29993 (p99 0.84 against 0.57 ms); WebSocket frames
+            // were slowest through the kernel in every run. No clear win for the kernel, and
+            // its overlap workaround depends on the kernel's skb layout (it stands aside, and
+            // counts `unchecked`, where the layout differs): the default takes the path with
+            // no such dependency. `--datapath sockmap` sends every tunnel through the kernel.
             (Mode::Splice | Mode::Sockmap | Mode::Auto, _) => TunnelPath::Splice,
         }
     }
