@@ -21,7 +21,10 @@ fn verdict_program_is_loaded_and_reported() {
     assert_eq!(routes["datapath"]["mode"], "auto");
     // `auto` splices tunnels of every kind (README.md, "Data path").
     assert_eq!(routes["datapath"]["tunnels"], "splice", "{routes}");
-    assert_eq!(routes["datapath"]["websocket_tunnels"], "splice", "{routes}");
+    assert_eq!(
+        routes["datapath"]["websocket_tunnels"], "splice",
+        "{routes}"
+    );
     assert!(
         bpftool_lists_verdict_program(),
         "bpftool shows the sk_skb program while the agent runs"

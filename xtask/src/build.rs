@@ -75,7 +75,13 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         bring_up_cluster();
     }
     // Every test binary runs even after one fails, so that one run reports every failure.
-    let mut args = vec!["test", "--release", "--no-fail-fast", "--", "--test-threads=1"];
+    let mut args = vec![
+        "test",
+        "--release",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=1",
+    ];
     args.extend(extra.iter().map(String::as_str));
     let status = Command::new("cargo")
         .args(&args)

@@ -33,7 +33,13 @@ pub use self::{
 /// Moves bytes both ways between two sockets, by the path this agent's mode picks for tunnels
 /// (the cluster port relays other nodes' connections this way).
 pub async fn run_tunnel(client: &mut TcpStream, backend: &mut TcpStream, ctx: &ProxyContext) {
-    tunnel::run(client, backend, ctx.tunnel_path(TunnelKind::Relay, false), ctx).await;
+    tunnel::run(
+        client,
+        backend,
+        ctx.tunnel_path(TunnelKind::Relay, false),
+        ctx,
+    )
+    .await;
 }
 use crate::{
     config::{DatapathMode, ProxySettings},
