@@ -584,10 +584,12 @@ impl RequestExchange<'_> {
         if coalesce_body(response_body, &mut self.upstream.buf, self.response_head) {
             response_body = BodyFraming::None;
         }
+        // Counted before the write: a client that has the bytes must find them counted (a
+        // test that reads the counters right after a `101` would otherwise race the agent).
+        Metrics::add(&self.metrics.bytes_copied, self.response_head.len() as u64);
         if client_write.write_all(self.response_head).await.is_err() {
             return Attempt::Abort;
         }
-        Metrics::add(&self.metrics.bytes_copied, self.response_head.len() as u64);
 
         if response.status == 101 {
             // The split halves are not used past this point, so their borrows of both
@@ -712,10 +714,11 @@ async fn upgrade_to_tunnel(
         (client_buf, &mut upstream.stream),
     ] {
         if !bytes.is_empty() {
+            // Counted before the write, as the response head is.
+            Metrics::add(&ctx.metrics.bytes_copied, bytes.len() as u64);
             if to.write_all(bytes).await.is_err() {
                 return;
             }
-            Metrics::add(&ctx.metrics.bytes_copied, bytes.len() as u64);
             bytes.clear();
         }
     }
