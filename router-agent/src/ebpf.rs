@@ -263,20 +263,25 @@ where
 /// The kernel's unique id of a socket (`SO_COOKIE`), the key of every map.
 pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
     const SO_COOKIE: libc::c_int = 57;
-    let mut cookie = 0u64;
+    socket_option_u64(fd, SO_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a `u64` (the kernel's cookies).
+pub fn socket_option_u64(fd: RawFd, name: libc::c_int) -> io::Result<u64> {
+    let mut value = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&raw mut cookie).cast(),
+            name,
+            (&raw mut value).cast(),
             &raw mut len,
         )
     };
     if rc == 0 {
-        Ok(cookie)
+        Ok(value)
     } else {
         Err(io::Error::last_os_error())
     }

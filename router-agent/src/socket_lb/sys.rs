@@ -103,50 +103,18 @@ impl DirLock {
 pub fn netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::ebpf::socket_option_u64(socket.as_raw_fd(), SO_NETNS_COOKIE)
 }
 
 /// Every IPv4 address of this network namespace's interfaces.
 pub fn local_ipv4_addresses() -> io::Result<Vec<Ipv4Addr>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list we free below.
-    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut addresses = Vec::new();
-    let mut entry = list;
-    while !entry.is_null() {
-        // SAFETY: `entry` is a node of the list getifaddrs returned, alive until freeifaddrs.
-        let ifa = unsafe { &*entry };
-        // SAFETY: for AF_INET the address is a sockaddr_in (and ifa_addr may be null).
-        if !ifa.ifa_addr.is_null()
-            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: as above, an AF_INET sockaddr is a sockaddr_in; read unaligned, since a
-            // sockaddr pointer promises less alignment than a sockaddr_in needs.
-            let sin = unsafe { ifa.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned() };
-            addresses.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-        }
-        entry = ifa.ifa_next;
-    }
-    // SAFETY: the list came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(list) };
+    let mut addresses: Vec<Ipv4Addr> = if_addrs::get_if_addrs()?
+        .iter()
+        .filter_map(|interface| match interface.ip() {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
     addresses.sort_unstable();
     addresses.dedup();
     Ok(addresses)
