@@ -408,8 +408,8 @@ fn container_info(
     })
 }
 
-/// The address rule (documented in README.md): a container on the host network is reached on
-/// 127.0.0.1; otherwise the IPv4 address on the node-local network whose name sorts first.
+/// The address rule (documented in docs/health.md): a container on the host network is reached
+/// on 127.0.0.1; otherwise the IPv4 address on the node-local network whose name sorts first.
 /// Overlay (Swarm-scoped) addresses are skipped: the node cannot reach them (a task on overlay
 /// networks only is reached on its gateway-bridge address instead, see `Session::inspect`).
 /// Deterministic, so every resync picks the same one.

@@ -190,8 +190,9 @@ fn load_object(entries: u32) -> anyhow::Result<Ebpf> {
                      about 16 MiB at peak"
                 );
             }
-            // Only to show the kernel defect the program works around (README.md, "Data
-            // path"): with this set, overlapping retransmissions are counted but not cut.
+            // Only to show the kernel defect the program works around
+            // (docs/kernel-findings.md): with this set, overlapping retransmissions are counted
+            // but not cut.
             let trim_overlaps =
                 u8::from(std::env::var_os("ROUTER_EXPERIMENT_KEEP_OVERLAPS").is_none());
             let mut loader = EbpfLoader::new();

@@ -3,7 +3,7 @@
 //! and carries some new ones.
 //!
 //! TCP queues such a segment whole and lets the reader skip the repeated head; the sockmap
-//! reader does not skip it (README.md, "Data path"). A sender retransmits this way only under
+//! reader does not skip it (docs/kernel-findings.md). A sender retransmits this way only under
 //! loss, rarely; injecting the segment makes the case happen on demand.
 use std::{
     io,

@@ -204,7 +204,7 @@ fn a_receiver_that_stops_reading_bounds_the_kernel_backlog_and_loses_nothing() {
 /// A retransmission that repeats bytes already received and carries new ones (what a sender
 /// makes after loss, here made by hand): TCP queues it whole, and the kernel hands it whole
 /// to the verdict program, which must cut the repeated head off, or the backend gets those
-/// bytes twice (README.md, "Data path"; `sockmap-overlap-repro` shows the kernel side alone).
+/// bytes twice (docs/kernel-findings.md; `sockmap-overlap-repro` shows the kernel side alone).
 #[test]
 fn an_overlapping_retransmission_reaches_the_backend_once() {
     let agent = Agent::start_private(&["--datapath", "sockmap"]);
@@ -259,7 +259,7 @@ fn an_overlapping_retransmission_reaches_the_backend_once() {
 /// Eight tunnels streaming at once, each checking every byte it gets back. Under load this
 /// once delivered a run of 64 to 128 KiB twice in about one run in 20 to 60: retransmissions
 /// that overlap bytes already forwarded, which the kernel hands whole to the verdict program
-/// (README.md, "Data path"; `an_overlapping_retransmission_reaches_the_backend_once` makes the
+/// (docs/kernel-findings.md; `an_overlapping_retransmission_reaches_the_backend_once` makes the
 /// case on demand). `cargo xtask soak-tunnels --hog` repeats this test under CPU load.
 #[test]
 fn eight_concurrent_tunnels_under_load_deliver_every_byte() {

@@ -21,8 +21,8 @@ use tokio::{io::Interest, net::TcpStream};
 use crate::metrics::Metrics;
 
 /// Pipe capacity asked for by default; the kernel may grant less (see
-/// /proc/sys/fs/pipe-max-size). Measured with `cargo xtask bench --pipe-sweep` (README.md,
-/// "Performance").
+/// /proc/sys/fs/pipe-max-size). Measured with `cargo xtask bench --pipe-sweep`
+/// (docs/performance.md).
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 /// Empty pipes kept for reuse.
 const MAX_FREE_PIPES: usize = 64;

@@ -74,7 +74,7 @@ pub fn create_netns(node: &Node) -> anyhow::Result<()> {
             "-w",
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
-            // What README.md asks of hosts that run the agent in a container (which cannot set
+            // What docs/configuration.md asks of hosts that run the agent in a container (which cannot set
             // it): connections queued on an agent that hands over move to its successor.
             "net.ipv4.tcp_migrate_req=1",
         ],

@@ -1,5 +1,5 @@
 //! The cluster's names, paths and addresses: one place that decides them, so that `up`,
-//! `down`, the state file and the README agree.
+//! `down`, the state file and docs/cluster.md agree.
 //!
 //! Address plan (all of it in 198.19.0.0/16; the host engine owns 198.18.0.0/16):
 //!
