@@ -132,28 +132,28 @@ pub async fn run(
     }
 }
 
-/// Resolves once neither socket has received a byte or had one acknowledged for `timeout`
-/// (the kernel's own counters, so this works whichever path moves the bytes).
+/// Resolves once neither socket has received a byte for `timeout`. The kernel stamps each
+/// socket's last data receive (`tcpi_last_data_recv`, whichever path then moves the bytes:
+/// copy, splice or sockhash redirect), so this sleeps until the earliest moment the tunnel can
+/// have been quiet that long instead of sampling byte counters (which made it up to a sampling
+/// period late and woke it four times per timeout).
 pub async fn idle_for(a: RawFd, b: RawFd, timeout: Duration) {
-    let traffic = || {
-        [a, b]
-            .into_iter()
-            .filter_map(tcp_info)
-            .map(|i| i.tcpi_bytes_received + i.tcpi_bytes_acked)
-            .sum::<u64>()
-    };
-    let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
-    let mut last = traffic();
-    let mut quiet_since = Instant::now();
     loop {
-        tokio::time::sleep(period).await;
-        let now = traffic();
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        } else if quiet_since.elapsed() >= timeout {
+        // A socket whose info cannot be read any more (closed under us) counts as quiet.
+        let quiet = [a, b]
+            .into_iter()
+            .map(|fd| {
+                tcp_info(fd).map_or(timeout, |i| {
+                    Duration::from_millis(i.tcpi_last_data_recv.into())
+                })
+            })
+            .min()
+            .unwrap_or(timeout);
+        if quiet >= timeout {
             return;
         }
+        // At least a few milliseconds: the stamp has jiffy resolution.
+        tokio::time::sleep((timeout - quiet).max(Duration::from_millis(5))).await;
     }
 }
 
