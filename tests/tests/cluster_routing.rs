@@ -83,6 +83,7 @@ fn answers(output: &str) -> Vec<(String, Option<String>)> {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn the_seed_across_nodes_alternates_and_a_cookie_pins_its_replica() {
     let Some(cluster) = Cluster::require("the_seed_across_nodes") else {
         return;
@@ -141,6 +142,7 @@ fn the_seed_across_nodes_alternates_and_a_cookie_pins_its_replica() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_drain_on_one_node_loses_no_request_of_a_client_on_another() {
     let Some(cluster) = Cluster::require("a_drain_on_one_node") else {
         return;
@@ -192,6 +194,7 @@ fn a_drain_on_one_node_loses_no_request_of_a_client_on_another() {
 /// A node cut off the network: every other agent drops its backends within 3 s, and a client
 /// on a surviving node sees no failed request.
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_dead_node_leaves_every_table_within_3s_and_no_request_fails() {
     let Some(cluster) = Cluster::require("a_dead_node") else {
         return;
@@ -288,6 +291,7 @@ fn a_dead_node_leaves_every_table_within_3s_and_no_request_fails() {
 /// Three managers, one of them cut off: Swarm keeps its quorum, and the agents keep routing
 /// and keep learning of new containers.
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn losing_a_manager_stops_neither_routing_nor_discovery() {
     let Some(cluster) = Cluster::require("losing_a_manager") else {
         return;
@@ -412,6 +416,7 @@ impl Drop for Demote<'_> {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_client_outside_the_cluster_gets_404_for_local_names() {
     let Some(cluster) = Cluster::require("a_client_outside") else {
         return;
@@ -454,6 +459,7 @@ fn a_client_outside_the_cluster_gets_404_for_local_names() {
 /// The agent of one node dies and Swarm restarts it, then the agents are updated one node at a
 /// time: a client on another node sees no failed request.
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn an_agent_restarting_on_one_node_does_not_disturb_the_others() {
     let Some(cluster) = Cluster::require("an_agent_restarting") else {
         return;
