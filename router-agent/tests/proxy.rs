@@ -39,9 +39,20 @@ async fn requests_are_routed_by_host_and_unknown_hosts_get_404() {
     let mut client = proxy.connect().await;
     client.write(&get("c.test", "/")).await;
     let response = client.response().await;
-    assert_eq!((response.status, response.backend()), (404, None), "{response:?}");
-    assert!(client.closed().await, "the connection stays open after a 404");
-    assert_eq!(a.seen().len() + b.seen().len(), 2, "only the routed requests");
+    assert_eq!(
+        (response.status, response.backend()),
+        (404, None),
+        "{response:?}"
+    );
+    assert!(
+        client.closed().await,
+        "the connection stays open after a 404"
+    );
+    assert_eq!(
+        a.seen().len() + b.seen().len(),
+        2,
+        "only the routed requests"
+    );
 }
 
 #[tokio::test]
@@ -62,7 +73,11 @@ async fn a_route_without_an_up_backend_is_503_and_reaches_no_backend() {
     )
     .await;
     let response = proxy.send(&get("none.test", "/")).await;
-    assert_eq!((response.status, response.backend()), (503, None), "{response:?}");
+    assert_eq!(
+        (response.status, response.backend()),
+        (503, None),
+        "{response:?}"
+    );
     for backend in [&down, &starting, &draining] {
         assert_eq!(backend.connections(), 0, "{} was contacted", backend.name);
     }
@@ -89,7 +104,11 @@ async fn keep_alive_requests_are_routed_each_and_reuse_backend_connections() {
         assert_eq!((response.status, response.backend()), (200, Some(expected)));
     }
     assert_eq!(a.seen().len(), 2);
-    assert_eq!(a.connections(), 1, "the second request to a opened a new connection");
+    assert_eq!(
+        a.connections(),
+        1,
+        "the second request to a opened a new connection"
+    );
 
     // Pipelined: both requests in one write, answered in order.
     let mut both = get("b.test", "/1");
@@ -169,10 +188,20 @@ async fn forwarded_headers_are_set_and_hop_by_hop_headers_removed() {
         .await;
     assert_eq!(response.status, 200, "{response:?}");
     let seen = &echo.seen()[0];
-    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "{}", seen.head);
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("127.0.0.1"),
+        "{}",
+        seen.head
+    );
     assert_eq!(seen.header("x-kept"), Some("yes"), "{}", seen.head);
     for hop_by_hop in ["x-private", "keep-alive"] {
-        assert_eq!(seen.header(hop_by_hop), None, "{hop_by_hop} forwarded:\n{}", seen.head);
+        assert_eq!(
+            seen.header(hop_by_hop),
+            None,
+            "{hop_by_hop} forwarded:\n{}",
+            seen.head
+        );
     }
 }
 
@@ -257,7 +286,11 @@ const MALFORMED: &[(&str, &str, u16)] = &[
         "GET / HTTP/1.1\r\nHost: m.test\r\nExpect: something-else\r\n\r\n",
         417,
     ),
-    ("asterisk-form on GET", "GET * HTTP/1.1\r\nHost: m.test\r\n\r\n", 400),
+    (
+        "asterisk-form on GET",
+        "GET * HTTP/1.1\r\nHost: m.test\r\n\r\n",
+        400,
+    ),
 ];
 
 #[tokio::test]
@@ -272,9 +305,21 @@ async fn malformed_requests_get_their_status_and_never_reach_the_backend() {
     let many_fields = "X-F: v\r\n".repeat(101);
     let big_field = format!("X-Big: {}\r\n", "b".repeat(70_000));
     let oversized = [
-        ("request line over 8 KiB", format!("GET {long_target} HTTP/1.1\r\nHost: m.test\r\n\r\n"), 414),
-        ("101 header fields", format!("GET / HTTP/1.1\r\nHost: m.test\r\n{many_fields}\r\n"), 431),
-        ("head over 64 KiB", format!("GET / HTTP/1.1\r\nHost: m.test\r\n{big_field}\r\n"), 431),
+        (
+            "request line over 8 KiB",
+            format!("GET {long_target} HTTP/1.1\r\nHost: m.test\r\n\r\n"),
+            414,
+        ),
+        (
+            "101 header fields",
+            format!("GET / HTTP/1.1\r\nHost: m.test\r\n{many_fields}\r\n"),
+            431,
+        ),
+        (
+            "head over 64 KiB",
+            format!("GET / HTTP/1.1\r\nHost: m.test\r\n{big_field}\r\n"),
+            431,
+        ),
     ];
     let rows = MALFORMED
         .iter()
@@ -289,11 +334,17 @@ async fn malformed_requests_get_their_status_and_never_reach_the_backend() {
         if got != Some((status, false)) {
             wrong.push(format!("{name}: expected {status}, got {response:?}"));
         } else if !client.closed().await {
-            wrong.push(format!("{name}: the connection stayed open after the {status}"));
+            wrong.push(format!(
+                "{name}: the connection stayed open after the {status}"
+            ));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-    assert_eq!(backend.connections(), 0, "a malformed request reached the backend");
+    assert_eq!(
+        backend.connections(),
+        0,
+        "a malformed request reached the backend"
+    );
 
     // The router is unharmed.
     let response = proxy.send(&get("m.test", "/")).await;
@@ -341,12 +392,20 @@ async fn a_backend_that_does_not_answer_in_time_gets_504() {
     let started = Instant::now();
     let response = proxy.send(&get("silent.test", "/")).await;
     let waited = started.elapsed();
-    assert_eq!((response.status, response.backend()), (504, None), "{response:?}");
+    assert_eq!(
+        (response.status, response.backend()),
+        (504, None),
+        "{response:?}"
+    );
     assert!(
         waited >= response_timeout && waited < response_timeout * 5,
         "504 after {waited:?}, with a response timeout of {response_timeout:?}"
     );
-    assert_eq!(silent.seen().len(), 1, "the request reached the backend once");
+    assert_eq!(
+        silent.seen().len(),
+        1,
+        "the request reached the backend once"
+    );
 }
 
 #[tokio::test]
@@ -398,8 +457,15 @@ async fn a_refused_backend_is_retried_on_another_then_503() {
         .into_iter()
         .filter(|m| matches!(m, Message::ConnectFailed { id, addr, .. } if &**id == "dead" && *addr == dead))
         .count();
-    assert!(reported >= 1, "the refused connect was not reported to the registry");
+    assert!(
+        reported >= 1,
+        "the refused connect was not reported to the registry"
+    );
 
     let response = proxy.send(&get("dead.test", "/")).await;
-    assert_eq!((response.status, response.backend()), (503, None), "{response:?}");
+    assert_eq!(
+        (response.status, response.backend()),
+        (503, None),
+        "{response:?}"
+    );
 }

@@ -21,14 +21,14 @@ pub fn curl(args: &[&str]) -> String {
 /// The hex SHA-256 digest of the file at `path` (as `sha256sum` prints it).
 pub fn sha256_of(path: &Path) -> String {
     use sha2::{Digest as _, Sha256};
-    let mut file = std::fs::File::open(path)
-        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let mut file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.finalize().iter().fold(String::new(), |mut hex, b| {
+        use std::fmt::Write as _;
+        write!(hex, "{b:02x}").expect("writing to a String cannot fail");
+        hex
+    })
 }

@@ -44,7 +44,7 @@ fn replicas<'a>(
             BACKEND_IMAGE_NAME,
         ],
     );
-    wait_running_tasks(cluster, name, replicas, Duration::from_secs(60));
+    wait_running_tasks(cluster, name, replicas, Duration::from_mins(1));
     (service, domain)
 }
 
@@ -381,7 +381,7 @@ impl Drop for Demote<'_> {
         // Back to the shape the other tests expect, once the Swarm is whole again (the cut
         // manager back and reachable): demoting while it still rejoins can leave the Raft
         // group without a working quorum for a while.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         let whole = || {
             let nodes = self.manager.docker_stdout(&[
                 "node",
@@ -502,7 +502,7 @@ fn an_agent_restarting_on_one_node_does_not_disturb_the_others() {
             .collect::<Vec<_>>()
     };
     let mut agent = Vec::new();
-    wait_for("one agent on node1", Duration::from_secs(60), || {
+    wait_for("one agent on node1", Duration::from_mins(1), || {
         agent = agents_on_node1();
         agent.len() == 1
     });
@@ -522,7 +522,7 @@ fn an_agent_restarting_on_one_node_does_not_disturb_the_others() {
         "--quiet",
         &cluster.agent_service,
     ]);
-    wait_for("the update to settle", Duration::from_secs(60), || {
+    wait_for("the update to settle", Duration::from_mins(1), || {
         cluster.nodes_running(&cluster.agent_service).len() == cluster.nodes.len()
     });
     wait_routable_everywhere(&cluster, &domain, &ids, Duration::from_secs(20));

@@ -34,11 +34,11 @@ fn delta(after: &Value, before: &Value, name: &str) -> u64 {
     after[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0)
 }
 
-fn write_file(path: &Path, mut fill: impl FnMut(u64, &mut [u8])) {
+fn write_file(path: &Path, mut fill_block: impl FnMut(u64, &mut [u8])) {
     let mut file = std::fs::File::create(path).expect("temp file");
     let mut block = vec![0u8; MIB as usize];
     for i in 0..SIZE / MIB {
-        fill(i * MIB, &mut block);
+        fill_block(i * MIB, &mut block);
         file.write_all(&block).expect("write");
     }
 }

@@ -219,7 +219,7 @@ fn backend_response_timeout_is_504_and_an_invalid_head_is_502() {
 #[test]
 #[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn sigterm_serves_until_the_handover_timeout_then_drains_in_flight_requests() {
-    let handover = Duration::from_millis(1000);
+    let handover = Duration::from_secs(1);
     let mut agent = Agent::start_with_config(
         &format!("handover_timeout_ms = {}\n", handover.as_millis()),
         &[],

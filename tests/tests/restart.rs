@@ -51,8 +51,11 @@ fn a_successor_takes_over_under_load_without_a_failed_request() {
         ["up", "up"],
         "the successor serves with the long-running replicas up"
     );
-    let (status, old) = stopper.join().expect("stopper");
-    assert!(status.success(), "the old agent exited cleanly: {status}");
+    let (exit_status, old) = stopper.join().expect("stopper");
+    assert!(
+        exit_status.success(),
+        "the old agent exited cleanly: {exit_status}"
+    );
     // Some requests on the successor alone.
     wait_for("requests on the successor", Duration::from_secs(5), || {
         new.metric("router_requests_total").unwrap_or_default() >= 20

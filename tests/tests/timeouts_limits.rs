@@ -38,7 +38,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 /// Reads until EOF; returns what came and when the connection ended.
 fn read_to_close(stream: &mut TcpStream) -> (Vec<u8>, Instant) {
     let mut got = Vec::new();
-    let mut chunk = [0u8; 64 * 1024];
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
         match stream.read(&mut chunk) {
             Ok(0) => return (got, Instant::now()),
@@ -202,7 +202,7 @@ fn a_backend_at_its_connection_limit_queues_then_answers_503_with_retry_after() 
             &format!("backend_max_connections = 1\nbackend_queue_timeout_ms = {queue_ms}\n"),
             &[],
         );
-        let (domain, _backend) = one_backend(&agent, "maxconn", &[]);
+        let (domain, backend) = one_backend(&agent, "maxconn", &[]);
         let addr = agent.http_addr();
         let slow = {
             let domain = domain.clone();
@@ -228,7 +228,7 @@ fn a_backend_at_its_connection_limit_queues_then_answers_503_with_retry_after() 
             assert_eq!(agent.metric("router_queue_timeouts_total"), Some(1));
         }
         assert_eq!(slow.join().expect("thread").expect("slow").status, 200);
-        assert_eq!(agent.state_of(&domain, &_backend.id).as_deref(), Some("up"));
+        assert_eq!(agent.state_of(&domain, &backend.id).as_deref(), Some("up"));
     }
 }
 
@@ -308,15 +308,12 @@ fn an_exec_probe_that_times_out_is_killed() {
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     let container = Container::run(&name, &with_labels(&labels, &[backend_image()]));
     let timeouts = || {
-        agent
-            .container(&container.id)
-            .map(|c| {
-                c["history"]
-                    .to_string()
-                    .matches("did not finish within")
-                    .count()
-            })
-            .unwrap_or(0)
+        agent.container(&container.id).map_or(0, |c| {
+            c["history"]
+                .to_string()
+                .matches("did not finish within")
+                .count()
+        })
     };
     wait_for("four probe timeouts", Duration::from_secs(30), || {
         timeouts() >= 4

@@ -74,8 +74,13 @@ impl Checkers {
                 addr,
                 hold,
             } => {
-                let task =
-                    probe::spawn_recovery(id.clone(), generation, addr, hold, self.registry.clone());
+                let task = probe::spawn_recovery(
+                    id.clone(),
+                    generation,
+                    addr,
+                    hold,
+                    self.registry.clone(),
+                );
                 self.tasks.insert(id, task);
             }
             Effect::StopChecks { id } => {

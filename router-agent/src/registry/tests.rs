@@ -109,7 +109,11 @@ fn started_probe(effects: &[Effect], id: &str, ip: &str) -> u64 {
         ] => {
             assert_eq!(target.container_id, id);
             assert_eq!(target.ip, ip.parse::<IpAddr>().unwrap());
-            assert_eq!(*first_delay, Duration::ZERO, "running long enough: due at once");
+            assert_eq!(
+                *first_delay,
+                Duration::ZERO,
+                "running long enough: due at once"
+            );
             target.generation
         }
         other => panic!("expected one StartProbe, got {other:?}"),
@@ -130,8 +134,16 @@ fn a_labeled_container_with_a_probe_starts_it_and_is_up_once_it_passes() {
     // Three failures (the default threshold) take it down; fewer do not.
     for n in 1..=3 {
         setup.probe_result("c1", generation, ProbeOutcome::Failed("500".into()));
-        let expected = if n < 3 { BackendState::Up } else { BackendState::Down };
-        assert_eq!(setup.state("web.test", "c1"), Some(expected), "after {n} failure(s)");
+        let expected = if n < 3 {
+            BackendState::Up
+        } else {
+            BackendState::Down
+        };
+        assert_eq!(
+            setup.state("web.test", "c1"),
+            Some(expected),
+            "after {n} failure(s)"
+        );
     }
     // A check that could not run is no verdict.
     setup.probe_result("c1", generation, ProbeOutcome::NotRun("no fd".into()));
@@ -141,7 +153,11 @@ fn a_labeled_container_with_a_probe_starts_it_and_is_up_once_it_passes() {
 #[test]
 fn results_of_a_replaced_probe_are_ignored() {
     let mut setup = Setup::new();
-    let first = started_probe(&setup.discover(container("c1", &[ROUTE, PROBE])), "c1", ADDRESS);
+    let first = started_probe(
+        &setup.discover(container("c1", &[ROUTE, PROBE])),
+        "c1",
+        ADDRESS,
+    );
     // A new address: the probe restarts against it, with a new generation.
     let mut moved = container("c1", &[ROUTE, PROBE]);
     moved.address = Some("198.18.0.9".parse().unwrap());
@@ -168,8 +184,11 @@ fn a_container_without_a_probe_is_up_at_once_and_nothing_checks_it() {
 #[test]
 fn stopping_drains_and_gone_removes_and_stops_the_probe() {
     let mut setup = Setup::new();
-    let generation =
-        started_probe(&setup.discover(container("c1", &[ROUTE, PROBE])), "c1", ADDRESS);
+    let generation = started_probe(
+        &setup.discover(container("c1", &[ROUTE, PROBE])),
+        "c1",
+        ADDRESS,
+    );
     setup.probe_result("c1", generation, ProbeOutcome::Passed("200".into()));
 
     let effects = setup.send(Message::Discovery(Update::Stopping { id: "c1".into() }));
@@ -223,7 +242,9 @@ fn a_bad_label_is_reported_and_the_container_skipped_without_a_probe() {
     assert_eq!(bad.errors.len(), 1, "{:?}", bad.errors);
     assert_eq!(bad.errors[0].label, "aliyun.routing.port_80");
     assert!(
-        bad.history.iter().any(|h| h.event.starts_with("label error")),
+        bad.history
+            .iter()
+            .any(|h| h.event.starts_with("label error")),
         "{:?}",
         bad.history
     );
@@ -299,15 +320,22 @@ fn an_error_streak_never_takes_out_more_than_half_of_a_route() {
 
     let effects = setup.send(streak("b"));
     assert!(effects.is_empty(), "{effects:?}");
-    assert_eq!(setup.state("web.test", "b"), Some(BackendState::Up), "the last one is kept");
+    assert_eq!(
+        setup.state("web.test", "b"),
+        Some(BackendState::Up),
+        "the last one is kept"
+    );
 }
 
 /// The agent is ready after the first sync and the first result of every check due at once.
 #[test]
 fn ready_after_the_first_sync_and_the_first_checks() {
     let mut setup = Setup::new();
-    let generation =
-        started_probe(&setup.discover(container("c1", &[ROUTE, PROBE])), "c1", ADDRESS);
+    let generation = started_probe(
+        &setup.discover(container("c1", &[ROUTE, PROBE])),
+        "c1",
+        ADDRESS,
+    );
     setup.discover(container("plain", &[ROUTE]));
     assert!(!*setup.published.ready.borrow());
     setup.send(Message::Discovery(Update::Resynced {

@@ -228,21 +228,25 @@ async fn serve_backend(
         let Some(head) = read_head(&mut stream).await else {
             return;
         };
-        if header_in(&head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
-            if stream
+        let expects_continue =
+            header_in(&head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        if expects_continue
+            && stream
                 .get_mut()
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
                 .is_err()
-            {
-                return;
-            }
+        {
+            return;
         }
         let Some(body) = read_body(&mut stream, &head).await else {
             return;
         };
         let request_line = head.lines().next().unwrap_or_default().to_owned();
-        seen.lock().unwrap().push(Seen { head, body: body.clone() });
+        seen.lock().unwrap().push(Seen {
+            head,
+            body: body.clone(),
+        });
         let mut words = request_line.split(' ');
         let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
         let mut answer = format!("{name} {method} {target} ").into_bytes();
@@ -294,7 +298,9 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.expect("connect to the proxy");
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the proxy");
         Self {
             stream: BufReader::new(stream),
         }

@@ -1519,10 +1519,12 @@ fn write_pattern(out: &mut impl io::Write, len: u64, chunked: bool) -> io::Resul
 
 /// Lower-case hex, as `sha256sum` prints digests.
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        write!(s, "{b:02x}").expect("writing to a String cannot fail");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            write!(s, "{b:02x}").expect("writing to a String cannot fail");
+            s
+        })
 }
 
 /// RFC 6455 framing, without I/O; `Conn::websocket` does the reading and writing.
