@@ -49,6 +49,7 @@ pub enum ProbeOutcome {
 }
 
 /// What a probe task checks, and the tag its results carry.
+#[derive(Debug)]
 pub struct ProbeTarget {
     pub container_id: String,
     /// Results of a replaced task (container restarted, new address) are ignored by this tag.

@@ -11,6 +11,7 @@ use tests::{
 };
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn agent_runs_one_task_per_node() {
     let Some(cluster) = Cluster::require("agent_runs_one_task_per_node") else {
         return;
@@ -65,6 +66,7 @@ fn agent_runs_one_task_per_node() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn overlay_carries_a_client_on_one_node_to_a_backend_task_on_another() {
     let Some(cluster) =
         Cluster::require("overlay_carries_a_client_on_one_node_to_a_backend_task_on_another")

@@ -81,6 +81,7 @@ fn scale(manager: &Node, service: &str, tasks: usize) {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn many_tasks_become_routable_everywhere_and_one_more_costs_each_agent_o1() {
     let Some(cluster) = Cluster::require("many_tasks_become_routable") else {
         return;
@@ -121,7 +122,7 @@ fn many_tasks_become_routable_everywhere_and_one_more_costs_each_agent_o1() {
     for node in &cluster.nodes {
         wait_for(
             &format!("{tasks} tasks routable on {}", node.name),
-            Duration::from_secs(600),
+            Duration::from_mins(10),
             || node.up_backends(&domain).len() == tasks,
         );
         routable_after.push((node.name.clone(), started.elapsed()));
@@ -161,7 +162,7 @@ fn many_tasks_become_routable_everywhere_and_one_more_costs_each_agent_o1() {
     };
     let before: Vec<(u64, u64)> = cluster.nodes.iter().map(counters).collect();
     scale(manager, &service.name, tasks + 1);
-    wait_running_tasks(&cluster, &service.name, tasks + 1, Duration::from_secs(60));
+    wait_running_tasks(&cluster, &service.name, tasks + 1, Duration::from_mins(1));
     for node in &cluster.nodes {
         wait_for(
             &format!("task {} routable on {}", tasks + 1, node.name),

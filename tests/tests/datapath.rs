@@ -34,16 +34,17 @@ fn delta(after: &Value, before: &Value, name: &str) -> u64 {
     after[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0)
 }
 
-fn write_file(path: &Path, mut fill: impl FnMut(u64, &mut [u8])) {
+fn write_file(path: &Path, mut fill_block: impl FnMut(u64, &mut [u8])) {
     let mut file = std::fs::File::create(path).expect("temp file");
     let mut block = vec![0u8; MIB as usize];
     for i in 0..SIZE / MIB {
-        fill(i * MIB, &mut block);
+        fill_block(i * MIB, &mut block);
         file.write_all(&block).expect("write");
     }
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn http_bodies_keep_their_sha256_through_every_datapath_mode() {
     let dir = std::env::temp_dir().join(unique("datapath"));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -168,6 +169,7 @@ fn echo_through(mode: &str, addr: SocketAddr, seed: u64) {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn tcp_route_echo_is_intact_through_every_datapath_mode() {
     for mode in MODES {
         // Its own address: other agents on this machine see the route's container too.
@@ -226,6 +228,7 @@ fn tcp_route_echo_is_intact_through_every_datapath_mode() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn websocket_echo_moves_through_the_kernel_after_the_upgrade() {
     let domain = format!("{}.local", unique("ws"));
     let agent = Agent::start_private(&["--datapath", "sockmap"]);
@@ -290,6 +293,7 @@ fn websocket_echo_moves_through_the_kernel_after_the_upgrade() {
 /// threshold of 8 KiB, `auto` splices a 64 KiB body that it copies with the default 256 KiB
 /// threshold, through pipes of the asked size, and the body arrives intact either way.
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn the_splice_threshold_and_pipe_size_come_from_the_config_file() {
     const BODY: usize = 64 * 1024;
     let dir = std::env::temp_dir().join(unique("splice-knobs"));

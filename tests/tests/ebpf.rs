@@ -14,6 +14,7 @@ fn bpftool_lists_verdict_program() -> bool {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn verdict_program_is_loaded_and_reported() {
     let agent = Agent::start(&[]);
     let routes = agent.json("/api/routes");
@@ -37,6 +38,7 @@ fn verdict_program_is_loaded_and_reported() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn without_bpf_privilege_the_agent_says_so_and_routes_in_userspace() {
     let domain = format!("{}.local", unique("nobpf"));
     // Root without CAP_BPF / CAP_SYS_ADMIN / CAP_PERFMON in its bounding set: the bpf(2)
@@ -69,6 +71,7 @@ fn without_bpf_privilege_the_agent_says_so_and_routes_in_userspace() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn copy_datapath_does_not_load_the_program() {
     let agent = Agent::start(&["--datapath", "copy"]);
     let routes = agent.json("/api/routes");

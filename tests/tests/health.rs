@@ -59,6 +59,7 @@ fn check_out_and_back(
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn http_probe_failure_takes_the_replica_out_and_recovery_brings_it_back() {
     let domain = format!("{}.local", unique("probe-http"));
     let route = format!("aliyun.routing.port_80={domain}");
@@ -81,6 +82,7 @@ fn http_probe_failure_takes_the_replica_out_and_recovery_brings_it_back() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn exec_probe_failure_takes_the_replica_out_and_recovery_brings_it_back() {
     let domain = format!("{}.local", unique("probe-exec"));
     let route = format!("aliyun.routing.port_80={domain}");
@@ -104,6 +106,7 @@ fn exec_probe_failure_takes_the_replica_out_and_recovery_brings_it_back() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn docker_healthcheck_status_is_honoured() {
     let domain = format!("{}.local", unique("healthcheck"));
     let route = format!("aliyun.routing.port_80={domain}");

@@ -44,6 +44,7 @@ fn states(agent: &Agent, domain: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn poison_requests_get_502_and_take_no_replica_out() {
     let agent = Agent::start(&[]);
     // Backends that close every connection after answering: each request is a fresh
@@ -75,6 +76,7 @@ fn poison_requests_get_502_and_take_no_replica_out() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_failing_backend_is_taken_out_after_the_error_limit() {
     let agent = Agent::start_with_config("error_limit = 3\n", &[]);
     let (domain, backends) = replicas(&agent, "errorlimit", &[&[], &["BACKEND_FAIL=close"]]);
@@ -106,6 +108,7 @@ fn a_failing_backend_is_taken_out_after_the_error_limit() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn failed_exchanges_never_take_out_more_than_half_a_route() {
     let agent = Agent::start_with_config("error_limit = 2\n", &[]);
     let (domain, backends) = replicas(
@@ -136,6 +139,7 @@ fn failed_exchanges_never_take_out_more_than_half_a_route() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_sticky_session_stays_on_its_backend_after_a_failed_exchange() {
     let agent = Agent::start(&[]);
     let (domain, backends) = replicas(&agent, "stickyfail", &[&[], &[]]);
@@ -202,6 +206,7 @@ fn close_wait_to(peer: SocketAddr) -> usize {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn pooled_connections_the_backend_closed_are_evicted_and_never_fail_a_request() {
     let agent = Agent::start(&[]);
     // The backend closes kept-alive connections idle for 300 ms, as servers do on their own
@@ -281,6 +286,7 @@ fn pooled_connections_the_backend_closed_are_evicted_and_never_fail_a_request() 
 /// A request that is not idempotent is never sent twice: the backend that closed on it is the
 /// only one that saw it.
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_post_that_makes_the_backend_close_is_not_sent_again() {
     let agent = Agent::start(&[]);
     let (domain, backends) = replicas(&agent, "postboom", &[&[], &[]]);

@@ -6,6 +6,7 @@ use std::{thread, time::Duration};
 use tests::{agent::Agent, client, docker::Container, stream::RequestStream, unique, wait_for};
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_successor_takes_over_under_load_without_a_failed_request() {
     let mut old = Agent::start(&[]);
     let domain = format!("{}.local", unique("restart"));
@@ -50,8 +51,11 @@ fn a_successor_takes_over_under_load_without_a_failed_request() {
         ["up", "up"],
         "the successor serves with the long-running replicas up"
     );
-    let (status, old) = stopper.join().expect("stopper");
-    assert!(status.success(), "the old agent exited cleanly: {status}");
+    let (exit_status, old) = stopper.join().expect("stopper");
+    assert!(
+        exit_status.success(),
+        "the old agent exited cleanly: {exit_status}"
+    );
     // Some requests on the successor alone.
     wait_for("requests on the successor", Duration::from_secs(5), || {
         new.metric("router_requests_total").unwrap_or_default() >= 20

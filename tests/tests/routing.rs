@@ -16,6 +16,7 @@ fn route_label(route: &str) -> String {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn keep_alive_connection_routes_each_request_by_its_own_host() {
     let (one, two) = (
         format!("{}.local", unique("ka-one")),
@@ -43,6 +44,7 @@ fn keep_alive_connection_routes_each_request_by_its_own_host() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn longest_context_path_wins() {
     let domain = format!("{}.local", unique("paths"));
     let agent = Agent::start(&[]);
@@ -77,6 +79,7 @@ fn wait_route_up(agent: &Agent, domain: &str, path: &str) {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn weights_split_traffic() {
     let domain = format!("{}.local", unique("weights"));
     let agent = Agent::start(&[]);
@@ -131,6 +134,7 @@ fn weights_split_traffic() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn router_statuses_for_unknown_host_and_no_backend() {
     let starting = format!("{}.local", unique("starting"));
     let agent = Agent::start(&[]);
@@ -164,6 +168,7 @@ fn router_statuses_for_unknown_host_and_no_backend() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn connection_refused_counts_as_a_failure_at_once_and_the_request_is_retried() {
     let domain = format!("{}.local", unique("passive"));
     let agent = Agent::start(&[]);
@@ -194,6 +199,7 @@ fn connection_refused_counts_as_a_failure_at_once_and_the_request_is_retried() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn bodies_cross_the_router_intact_in_both_directions() {
     let domain = format!("{}.local", unique("bodies"));
     let agent = Agent::start(&[]);

@@ -241,6 +241,7 @@ fn unix_ms() -> u128 {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_a_client_container_reaches_both_backends_straight_through_the_kernel() {
     let agent = Agent::start(&[]);
     let route = WhoamiRoute::new();
@@ -293,6 +294,7 @@ fn socket_lb_a_client_container_reaches_both_backends_straight_through_the_kerne
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_docker_kill_sends_the_next_connects_to_the_survivor() {
     let agent = Agent::start(&[]);
     let route = WhoamiRoute::new();
@@ -384,6 +386,7 @@ fn socket_lb_docker_kill_sends_the_next_connects_to_the_survivor() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_docker_stop_lets_open_connections_finish_and_sends_new_ones_elsewhere() {
     let agent = Agent::start(&[]);
     let route = WhoamiRoute::new();
@@ -454,6 +457,7 @@ fn socket_lb_docker_stop_lets_open_connections_finish_and_sends_new_ones_elsewhe
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_a_backend_of_weight_zero_gets_no_new_connects() {
     let agent = Agent::start(&[]);
     let route = WhoamiRoute::new();
@@ -473,6 +477,7 @@ fn socket_lb_a_backend_of_weight_zero_gets_no_new_connects() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_with_no_up_backend_connect_fails_at_once_with_econnrefused() {
     let agent = Agent::start(&[]);
     let route = WhoamiRoute::new();
@@ -588,6 +593,7 @@ fn restart_under_load(first_agent_env: &[&str]) -> (Agent, Vec<Attempt>) {
 /// the same ports and pins while the old agent still runs, claims the maps once ready, and the
 /// old one stops writing them before it is stopped.
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_a_successor_started_first_takes_the_maps_over_without_a_failed_connect() {
     let mut old = Agent::start(&[]);
     let route = WhoamiRoute::new();
@@ -652,6 +658,7 @@ fn socket_lb_a_successor_started_first_takes_the_maps_over_without_a_failed_conn
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_connects_never_fail_while_the_agent_restarts() {
     let (new, _) = restart_under_load(&[]);
     assert!(
@@ -663,6 +670,7 @@ fn socket_lb_connects_never_fail_while_the_agent_restarts() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_a_stale_program_of_an_older_build_is_replaced_without_a_failed_connect() {
     let salt = format!("{SALT_ENV}=older");
     let (new, _) = restart_under_load(&[&salt]);
@@ -717,6 +725,7 @@ fn attached_programs() -> Vec<String> {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_uninstall_detaches_the_programs_and_removes_every_pin() {
     let mut agent = Agent::start(&[]);
     let route = WhoamiRoute::new();
@@ -759,6 +768,7 @@ fn socket_lb_uninstall_detaches_the_programs_and_removes_every_pin() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_an_unprivileged_agent_serves_tcp_routes_in_userspace() {
     let agent = Agent::start_with_prefix(
         &[
@@ -798,6 +808,7 @@ fn socket_lb_an_unprivileged_agent_serves_tcp_routes_in_userspace() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn socket_lb_off_detaches_what_an_earlier_agent_pinned() {
     let mut old = Agent::start(&[]);
     let route = WhoamiRoute::new();

@@ -38,7 +38,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 /// Reads until EOF; returns what came and when the connection ended.
 fn read_to_close(stream: &mut TcpStream) -> (Vec<u8>, Instant) {
     let mut got = Vec::new();
-    let mut chunk = [0u8; 64 * 1024];
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
         match stream.read(&mut chunk) {
             Ok(0) => return (got, Instant::now()),
@@ -50,6 +50,7 @@ fn read_to_close(stream: &mut TcpStream) -> (Vec<u8>, Instant) {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_slow_upload_is_answered_and_a_stalled_one_gets_408() {
     let agent = Agent::start_with_config(
         "response_timeout_ms = 1000\nbody_idle_timeout_ms = 800\n",
@@ -95,6 +96,7 @@ fn a_slow_upload_is_answered_and_a_stalled_one_gets_408() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_stalled_response_body_is_cut_and_both_sides_closed() {
     let agent = Agent::start_with_config("body_idle_timeout_ms = 1000\n", &[]);
     let (domain, backend) = one_backend(&agent, "stall", &[]);
@@ -142,6 +144,7 @@ fn a_stalled_response_body_is_cut_and_both_sides_closed() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_silent_connection_gets_408_from_the_header_timeout_of_its_accept() {
     let agent = Agent::start_with_config("header_timeout_ms = 700\n", &[]);
     let mut stream = connect(agent.http_addr());
@@ -157,6 +160,7 @@ fn a_silent_connection_gets_408_from_the_header_timeout_of_its_accept() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
     let agent = Agent::start_with_config("tunnel_idle_timeout_ms = 1000\n", &[]);
     let port = free_port();
@@ -191,13 +195,14 @@ fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn a_backend_at_its_connection_limit_queues_then_answers_503_with_retry_after() {
     for (queue_ms, expect_queued_success) in [(300, false), (5000, true)] {
         let agent = Agent::start_with_config(
             &format!("backend_max_connections = 1\nbackend_queue_timeout_ms = {queue_ms}\n"),
             &[],
         );
-        let (domain, _backend) = one_backend(&agent, "maxconn", &[]);
+        let (domain, backend) = one_backend(&agent, "maxconn", &[]);
         let addr = agent.http_addr();
         let slow = {
             let domain = domain.clone();
@@ -223,7 +228,7 @@ fn a_backend_at_its_connection_limit_queues_then_answers_503_with_retry_after() 
             assert_eq!(agent.metric("router_queue_timeouts_total"), Some(1));
         }
         assert_eq!(slow.join().expect("thread").expect("slow").status, 200);
-        assert_eq!(agent.state_of(&domain, &_backend.id).as_deref(), Some("up"));
+        assert_eq!(agent.state_of(&domain, &backend.id).as_deref(), Some("up"));
     }
 }
 
@@ -231,6 +236,7 @@ fn a_backend_at_its_connection_limit_queues_then_answers_503_with_retry_after() 
 /// real requests are still served, backends and probes are never blamed, and `/healthz` says
 /// that the agent is overloaded.
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn at_the_descriptor_limit_idle_connections_are_shed_and_no_backend_is_blamed() {
     let agent = Agent::start_with_prefix(&["sh", "-c", "ulimit -n 512 && exec \"$0\" \"$@\""], &[]);
     let (_, health) = agent.health().expect("healthz");
@@ -288,6 +294,7 @@ fn at_the_descriptor_limit_idle_connections_are_shed_and_no_backend_is_blamed() 
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn an_exec_probe_that_times_out_is_killed() {
     let agent = Agent::start(&[]);
     let name = unique("execkill");
@@ -301,15 +308,12 @@ fn an_exec_probe_that_times_out_is_killed() {
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     let container = Container::run(&name, &with_labels(&labels, &[backend_image()]));
     let timeouts = || {
-        agent
-            .container(&container.id)
-            .map(|c| {
-                c["history"]
-                    .to_string()
-                    .matches("did not finish within")
-                    .count()
-            })
-            .unwrap_or(0)
+        agent.container(&container.id).map_or(0, |c| {
+            c["history"]
+                .to_string()
+                .matches("did not finish within")
+                .count()
+        })
     };
     wait_for("four probe timeouts", Duration::from_secs(30), || {
         timeouts() >= 4
@@ -330,6 +334,7 @@ fn an_exec_probe_that_times_out_is_killed() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn idle_keep_alive_connections_do_not_count_against_a_quiet_agent() {
     // A smoke check of the admission accounting: after many requests on kept-alive
     // connections, the open count goes back to zero once they close.

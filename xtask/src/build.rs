@@ -64,10 +64,13 @@ pub fn test_backend() -> anyhow::Result<PathBuf> {
     Ok(cmd::workspace_root().join("target/release/test-backend"))
 }
 
-/// `cargo xtask test`: every test of the workspace, unit and end-to-end, one at a time: the
-/// end-to-end tests share one Docker engine and two cores, and their timing assertions need
-/// them quiet. Extra arguments are passed to the test harness (a name filter, `--nocapture`).
+/// `cargo xtask test`: the lints, then every test of the workspace, unit and end-to-end, one at
+/// a time: the end-to-end tests share one Docker engine and two cores, and their timing
+/// assertions need them quiet. The end-to-end tests are `#[ignore]`d so that a plain `cargo
+/// test` (no root, no Docker) skips them; `--include-ignored` runs them here. Extra arguments
+/// are passed to the test harness (a name filter, `--nocapture`).
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
+    lint()?;
     let agent = agent()?;
     // One cluster serves one checkout's agent build at a time: a second checkout testing on
     // the same machine leaves it alone (and runs no cluster test) with this set.
@@ -80,6 +83,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         "--release",
         "--no-fail-fast",
         "--",
+        "--include-ignored",
         "--test-threads=1",
     ];
     args.extend(extra.iter().map(String::as_str));
@@ -93,6 +97,13 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("tests failed ({status})");
     }
     Ok(())
+}
+
+/// Formatting and clippy (warnings are errors), first: they fail in seconds, the suite in
+/// minutes. Clippy checks the default members; the eBPF crate builds only for the BPF target.
+fn lint() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--check"]).context("run `cargo fmt --all` to format")?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
 }
 
 /// The cluster tests need the Swarm (`cargo xtask cluster up`, which keeps one that is up).

@@ -45,7 +45,8 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
-    /// Run every test: unit tests and the end-to-end suite against the real dockerd (and the
+    /// Check formatting and clippy (`-D warnings`), then run every test: unit tests, the
+    /// in-process proxy tests, and the end-to-end suite against the real dockerd (and the
     /// cluster, which it brings up).
     Test {
         /// Extra arguments for the test harness (e.g. a test name filter).

@@ -92,6 +92,13 @@ fn install_rust_parts() -> anyhow::Result<()> {
             &["component", "add", "rust-src", "--toolchain", "nightly"],
         )?;
     }
+    // `cargo xtask test` lints first.
+    if !cmd::succeeds("cargo", &["clippy", "--version"])
+        || !cmd::succeeds("cargo", &["fmt", "--version"])
+    {
+        println!("setup: adding clippy and rustfmt to the default toolchain");
+        cmd::run("rustup", &["component", "add", "clippy", "rustfmt"])?;
+    }
     if !cmd::succeeds("bpf-linker", &["--version"]) {
         println!("setup: building bpf-linker against LLVM 22 (about 5 minutes)");
         let status = std::process::Command::new("cargo")

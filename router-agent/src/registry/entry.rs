@@ -14,7 +14,6 @@ use crate::{
     discovery::{ContainerInfo, NetworkAddress},
     health::{BackendHealth, BackendState, DockerHealth, ProbeTracker, ProbeVerdict},
     labels::{ContainerSpec, LabelError, ProbeSpec, RouteSpec},
-    probe::TaskGuard,
     table::BackendStats,
 };
 
@@ -55,10 +54,9 @@ pub struct Entry {
     pub spec: Result<ContainerSpec, Vec<LabelError>>,
     pub health: BackendHealth,
     pub stats: Arc<BackendStats>,
-    /// Tags the results of the current checker task.
+    /// Tags the results of the current checker task (the probe, or the recovery check after
+    /// a passive failure), which the registry's shell holds.
     pub generation: u64,
-    /// The probe task, or the recovery check after a passive failure.
-    pub checker: Option<TaskGuard>,
     pub history: VecDeque<HistoryItem>,
     /// Its probe's first run was due when the probe task started (the container has been
     /// running longer than the initial delay).

@@ -6,8 +6,12 @@
 //! on the request path. This node's own containers also go out as a feed of changes, which the
 //! cluster port streams to the other nodes.
 //!
+//! The registry decides and returns effects (start or stop a container's checks); the shell in
+//! [`Registry::run`] carries them out, so the decisions are tested without tasks or Docker.
+//!
 //! `entry` holds one local container, `passive` what proxy failures do, `remote` the other
-//! nodes' containers, `publish` the building of the table.
+//! nodes' containers, `publish` the building of the table, `effect` what the shell does.
+mod effect;
 mod entry;
 mod passive;
 mod publish;
@@ -27,8 +31,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, warn};
 
-use self::{entry::Entry, remote::RemoteNodes};
+use self::{effect::Checkers, entry::Entry, remote::RemoteNodes};
 pub use self::{
+    effect::Effect,
     entry::{ContainerView, HistoryItem},
     remote::PeerEvent,
 };
@@ -166,6 +171,8 @@ pub struct Registry {
     /// Local containers whose shared view changed in the current batch.
     dirty: HashSet<String>,
     local_changes: broadcast::Sender<LocalChange>,
+    /// What the current batch asks the shell to do, in order.
+    effects: Vec<Effect>,
 }
 
 /// The way to readiness: the first sync, then the first result of every check that is due at
@@ -205,22 +212,37 @@ impl Registry {
             startup: Startup::BeforeSync,
             dirty: HashSet::new(),
             local_changes: broadcast::channel(FEED_CAPACITY).0,
+            effects: Vec::new(),
         }
     }
 
     /// Applies messages until every sender is gone, publishing after each batch that changed
-    /// something.
+    /// something, and carries out the effects each batch returns.
     pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Message>) {
+        let mut checkers = Checkers::new(self.docker.clone(), self.sender.clone());
         while let Some(message) = inbox.recv().await {
-            let mut changed = self.apply(message);
+            let mut batch = vec![message];
             while let Ok(message) = inbox.try_recv() {
-                changed |= self.apply(message);
+                batch.push(message);
             }
-            self.send_local_changes();
-            if changed {
-                self.publish();
+            for effect in self.handle(batch) {
+                checkers.carry_out(effect);
             }
         }
+    }
+
+    /// Applies a batch of messages in order, publishes if anything visible changed, and
+    /// returns what the shell must do.
+    pub fn handle(&mut self, batch: impl IntoIterator<Item = Message>) -> Vec<Effect> {
+        let mut changed = false;
+        for message in batch {
+            changed |= self.apply(message);
+        }
+        self.send_local_changes();
+        if changed {
+            self.publish();
+        }
+        std::mem::take(&mut self.effects)
     }
 
     /// Returns whether the published state must change.
@@ -258,9 +280,9 @@ impl Registry {
                 errors,
                 last_error,
             } => self.error_streak(&id, addr, errors, &last_error),
+            // The recovery check ended with this report.
             Message::Recovered { id, generation } => self.with_current(&id, generation, |entry| {
                 entry.health.passive_down = false;
-                entry.checker = None;
                 entry.remember("accepts connections again".into());
             }),
             Message::ViewContainers(reply) => {
@@ -464,7 +486,6 @@ impl Registry {
             health,
             stats: Arc::new(BackendStats::new(self.settings.backend_max_connections)),
             generation: 0,
-            checker: None,
             history: VecDeque::new(),
             first_check_due_at_once: false,
         };
@@ -482,7 +503,8 @@ impl Registry {
         true
     }
 
-    /// Starts the probe task of the entry (replacing any checker), if it has a probe.
+    /// Starts the probe of the entry (replacing any checker), if it has a probe; stops its
+    /// checks otherwise.
     fn restart_checker(&mut self, id: &str) {
         self.next_generation += 1;
         let generation = self.next_generation;
@@ -490,8 +512,8 @@ impl Registry {
             return;
         };
         entry.generation = generation;
-        entry.checker = None;
         let (Some(spec), Some(ip)) = (entry.probe_spec().cloned(), entry.info.address) else {
+            self.effects.push(Effect::StopChecks { id: id.to_owned() });
             return;
         };
         // Kubernetes' meaning of the initial delay: counted from the container's start, so a
@@ -504,17 +526,15 @@ impl Registry {
             .unwrap_or_default();
         let first_delay = spec.initial_delay.saturating_sub(running_for);
         entry.first_check_due_at_once = first_delay.is_zero();
-        entry.checker = Some(probe::spawn_probe(
-            probe::ProbeTarget {
+        self.effects.push(Effect::StartProbe {
+            target: probe::ProbeTarget {
                 container_id: id.to_owned(),
                 generation,
                 ip,
             },
             spec,
             first_delay,
-            self.docker.clone(),
-            self.sender.clone(),
-        ));
+        });
     }
 
     fn remove(&mut self, id: &str, why: &str) -> bool {
@@ -524,6 +544,7 @@ impl Registry {
             return false;
         };
         info!(container = %entry.info.name, id = %short(id), "container removed: {why}");
+        self.effects.push(Effect::StopChecks { id: id.to_owned() });
         self.dirty.insert(id.to_owned());
         true
     }
@@ -549,3 +570,6 @@ impl Registry {
         views
     }
 }
+
+#[cfg(test)]
+mod tests;

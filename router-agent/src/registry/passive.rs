@@ -5,8 +5,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use tracing::warn;
 
-use super::{Registry, publish::route_key};
-use crate::{discovery::short, health::BackendState, probe};
+use super::{Effect, Registry, publish::route_key};
+use crate::{discovery::short, health::BackendState};
 
 /// How long a backend without a probe stays out after failed exchanges before its port is
 /// checked again: it accepts connections all along, so only time can tell whether it
@@ -99,13 +99,12 @@ impl Registry {
         if entry.health.probe.is_none() {
             // No probe will notice the recovery: check the port until it accepts again.
             entry.generation = generation;
-            entry.checker = Some(probe::spawn_recovery(
-                id.to_owned(),
+            self.effects.push(Effect::StartRecovery {
+                id: id.to_owned(),
                 generation,
                 addr,
                 hold,
-                self.sender.clone(),
-            ));
+            });
         }
         self.note_transition(id, before)
     }

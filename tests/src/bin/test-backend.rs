@@ -73,6 +73,7 @@ use std::{
 };
 
 use httparse::Status;
+use sha2::{Digest as _, Sha256};
 
 const USAGE: &str = "usage: test-backend [--listen ADDR] [--tcp-echo ADDR] [--tcp-greeter ADDR] [--tcp-reset ADDR] [--tcp-whoami ADDR]
   --listen ADDR       HTTP (default 0.0.0.0:80, env BACKEND_LISTEN)
@@ -1192,14 +1193,14 @@ impl Conn {
     }
 
     fn sha256(&mut self, request: &Request) -> Result<Response, Abort> {
-        let mut hasher = sha256::Sha256::default();
+        let mut hasher = Sha256::new();
         let mut len = 0u64;
         self.input.read_body(request.framing, &mut |data| {
             hasher.update(data);
             len += data.len() as u64;
             Ok(())
         })?;
-        let digest = sha256::hex(&hasher.finalize());
+        let digest = hex(&hasher.finalize());
         Ok(Response::text(200, format!("{len} {digest}\n")))
     }
 
@@ -1516,192 +1517,22 @@ fn write_pattern(out: &mut impl io::Write, len: u64, chunked: bool) -> io::Resul
     Ok(())
 }
 
-/// SHA-256 (FIPS 180-4), streaming, so `/sha256` can hash bodies of any size. Written out here
-/// because the backend may depend on nothing beyond `httparse` and `libc`.
-mod sha256 {
-    // Round constants: the first 32 bits of the fractional parts of the cube roots of the first
-    // 64 primes.
-    #[rustfmt::skip]
-    const K: [u32; 64] = [
-        0x428a_2f98, 0x7137_4491, 0xb5c0_fbcf, 0xe9b5_dba5,
-        0x3956_c25b, 0x59f1_11f1, 0x923f_82a4, 0xab1c_5ed5,
-        0xd807_aa98, 0x1283_5b01, 0x2431_85be, 0x550c_7dc3,
-        0x72be_5d74, 0x80de_b1fe, 0x9bdc_06a7, 0xc19b_f174,
-        0xe49b_69c1, 0xefbe_4786, 0x0fc1_9dc6, 0x240c_a1cc,
-        0x2de9_2c6f, 0x4a74_84aa, 0x5cb0_a9dc, 0x76f9_88da,
-        0x983e_5152, 0xa831_c66d, 0xb003_27c8, 0xbf59_7fc7,
-        0xc6e0_0bf3, 0xd5a7_9147, 0x06ca_6351, 0x1429_2967,
-        0x27b7_0a85, 0x2e1b_2138, 0x4d2c_6dfc, 0x5338_0d13,
-        0x650a_7354, 0x766a_0abb, 0x81c2_c92e, 0x9272_2c85,
-        0xa2bf_e8a1, 0xa81a_664b, 0xc24b_8b70, 0xc76c_51a3,
-        0xd192_e819, 0xd699_0624, 0xf40e_3585, 0x106a_a070,
-        0x19a4_c116, 0x1e37_6c08, 0x2748_774c, 0x34b0_bcb5,
-        0x391c_0cb3, 0x4ed8_aa4a, 0x5b9c_ca4f, 0x682e_6ff3,
-        0x748f_82ee, 0x78a5_636f, 0x84c8_7814, 0x8cc7_0208,
-        0x90be_fffa, 0xa450_6ceb, 0xbef9_a3f7, 0xc671_78f2,
-    ];
-
-    const INITIAL_STATE: [u32; 8] = [
-        0x6a09_e667,
-        0xbb67_ae85,
-        0x3c6e_f372,
-        0xa54f_f53a,
-        0x510e_527f,
-        0x9b05_688c,
-        0x1f83_d9ab,
-        0x5be0_cd19,
-    ];
-
-    pub struct Sha256 {
-        state: [u32; 8],
-        /// A partly filled block, waiting for more input.
-        block: [u8; 64],
-        filled: usize,
-        /// Message length in bytes, for the final padding.
-        total: u64,
-    }
-
-    impl Default for Sha256 {
-        fn default() -> Self {
-            Self {
-                state: INITIAL_STATE,
-                block: [0; 64],
-                filled: 0,
-                total: 0,
-            }
-        }
-    }
-
-    impl Sha256 {
-        pub fn update(&mut self, mut data: &[u8]) {
-            self.total = self.total.wrapping_add(data.len() as u64);
-            while !data.is_empty() {
-                if self.filled == 0
-                    && let Some((block, rest)) = data.split_first_chunk::<64>()
-                {
-                    // Whole blocks straight from the input, without copying.
-                    compress(&mut self.state, block);
-                    data = rest;
-                    continue;
-                }
-                let take = (64 - self.filled).min(data.len());
-                self.block[self.filled..self.filled + take].copy_from_slice(&data[..take]);
-                self.filled += take;
-                data = &data[take..];
-                if self.filled == 64 {
-                    compress(&mut self.state, &self.block);
-                    self.filled = 0;
-                }
-            }
-        }
-
-        pub fn finalize(mut self) -> [u8; 32] {
-            let bit_len = self.total.wrapping_mul(8);
-            // Padding: 0x80, zeros up to 56 mod 64, then the length in bits, big-endian.
-            self.update(&[0x80]);
-            while self.filled != 56 {
-                self.update(&[0]);
-            }
-            self.update(&bit_len.to_be_bytes());
-            debug_assert_eq!(self.filled, 0);
-            let mut digest = [0u8; 32];
-            for (out, word) in digest.chunks_exact_mut(4).zip(self.state) {
-                out.copy_from_slice(&word.to_be_bytes());
-            }
-            digest
-        }
-    }
-
-    fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
-        let mut w = [0u32; 64];
-        for (word, bytes) in w.iter_mut().zip(block.chunks_exact(4)) {
-            *word = u32::from_be_bytes(bytes.try_into().expect("chunks of 4"));
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        // v = [a, b, c, d, e, f, g, h]
-        let mut v = *state;
-        for (k, w) in K.iter().zip(w) {
-            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
-            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
-            let t1 = v[7]
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(*k)
-                .wrapping_add(w);
-            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
-            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
-            // Every variable moves down one slot (h = g, …, b = a); only a and e get new values.
-            v.rotate_right(1);
-            v[0] = t1.wrapping_add(s0.wrapping_add(maj));
-            v[4] = v[4].wrapping_add(t1);
-        }
-        for (s, x) in state.iter_mut().zip(v) {
-            *s = s.wrapping_add(x);
-        }
-    }
-
-    pub fn hex(bytes: &[u8]) -> String {
-        bytes
-            .iter()
-            .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-                use std::fmt::Write as _;
-                write!(s, "{b:02x}").expect("writing to a String cannot fail");
-                s
-            })
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::{Sha256, hex};
-
-        fn digest(pieces: &[&[u8]]) -> String {
-            let mut hasher = Sha256::default();
-            for piece in pieces {
-                hasher.update(piece);
-            }
-            hex(&hasher.finalize())
-        }
-
-        #[test]
-        fn known_digests() {
-            assert_eq!(
-                digest(&[b"abc"]),
-                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-            );
-            assert_eq!(
-                digest(&[]),
-                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-            );
-            // Two blocks of padding: the 56-byte message leaves no room for the length.
-            assert_eq!(
-                digest(&[b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"]),
-                "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
-            );
-        }
-
-        #[test]
-        fn split_input_gives_the_same_digest() {
-            let million = vec![b'a'; 1_000_000];
-            let expected = "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0";
-            assert_eq!(digest(&[&million]), expected);
-            let (a, rest) = million.split_at(1);
-            let (b, rest) = rest.split_at(63);
-            let (c, d) = rest.split_at(1000);
-            assert_eq!(digest(&[a, b, c, d]), expected);
-        }
-    }
+/// Lower-case hex, as `sha256sum` prints digests.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            write!(s, "{b:02x}").expect("writing to a String cannot fail");
+            s
+        })
 }
 
 /// RFC 6455 framing, without I/O; `Conn::websocket` does the reading and writing.
 mod websocket {
-    use super::{Abort, base64, sha1};
+    use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+    use sha1::{Digest as _, Sha1};
+
+    use super::Abort;
 
     /// Appended to the client's key before hashing (RFC 6455 §1.3).
     const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -1722,7 +1553,7 @@ mod websocket {
 
     /// The `Sec-WebSocket-Accept` value that proves the server read `key`.
     pub fn accept_key(key: &str) -> String {
-        base64::encode(&sha1::digest(format!("{key}{GUID}").as_bytes()))
+        BASE64.encode(Sha1::digest(format!("{key}{GUID}").as_bytes()))
     }
 
     pub struct Header {
@@ -1874,144 +1705,6 @@ mod websocket {
                 code(&[[0x82, 0xff].as_slice(), &too_big].concat()),
                 Some(1009)
             );
-        }
-    }
-}
-
-/// SHA-1 (FIPS 180-4), one-shot: only the WebSocket handshake needs it, on a short input.
-/// Broken for collision resistance, which the handshake does not rely on.
-mod sha1 {
-    const INITIAL_STATE: [u32; 5] = [
-        0x6745_2301,
-        0xefcd_ab89,
-        0x98ba_dcfe,
-        0x1032_5476,
-        0xc3d2_e1f0,
-    ];
-
-    pub fn digest(data: &[u8]) -> [u8; 20] {
-        // Padding: 0x80, zeros up to 56 mod 64, then the length in bits, big-endian.
-        let mut message = data.to_vec();
-        message.push(0x80);
-        message.resize((data.len() + 9).next_multiple_of(64), 0);
-        let at = message.len() - 8;
-        message[at..].copy_from_slice(&(data.len() as u64).wrapping_mul(8).to_be_bytes());
-
-        let mut state = INITIAL_STATE;
-        for block in message.chunks_exact(64) {
-            compress(&mut state, block);
-        }
-        let mut digest = [0u8; 20];
-        for (out, word) in digest.chunks_exact_mut(4).zip(state) {
-            out.copy_from_slice(&word.to_be_bytes());
-        }
-        digest
-    }
-
-    fn compress(state: &mut [u32; 5], block: &[u8]) {
-        let mut w = [0u32; 80];
-        for (word, bytes) in w.iter_mut().zip(block.chunks_exact(4)) {
-            *word = u32::from_be_bytes(bytes.try_into().expect("chunks of 4"));
-        }
-        for i in 16..80 {
-            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
-        }
-        // v = [a, b, c, d, e]
-        let mut v = *state;
-        for (round, w) in w.iter().enumerate() {
-            // The round function and constant change every 20 rounds.
-            let (mix, constant) = match round / 20 {
-                0 => ((v[1] & v[2]) | (!v[1] & v[3]), 0x5a82_7999),
-                1 => (v[1] ^ v[2] ^ v[3], 0x6ed9_eba1),
-                2 => ((v[1] & v[2]) | (v[1] & v[3]) | (v[2] & v[3]), 0x8f1b_bcdc),
-                _ => (v[1] ^ v[2] ^ v[3], 0xca62_c1d6),
-            };
-            let temp = v[0]
-                .rotate_left(5)
-                .wrapping_add(mix)
-                .wrapping_add(v[4])
-                .wrapping_add(constant)
-                .wrapping_add(*w);
-            // Every variable moves down one slot (e = d, …, b = a); a is new, c = b rotated.
-            v.rotate_right(1);
-            v[0] = temp;
-            v[2] = v[2].rotate_left(30);
-        }
-        for (s, x) in state.iter_mut().zip(v) {
-            *s = s.wrapping_add(x);
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::digest;
-        use crate::sha256::hex;
-
-        #[test]
-        fn known_digests() {
-            assert_eq!(
-                hex(&digest(b"abc")),
-                "a9993e364706816aba3e25717850c26c9cd0d89d"
-            );
-            assert_eq!(
-                hex(&digest(b"")),
-                "da39a3ee5e6b4b0d3255bfef95601890afd80709"
-            );
-            // Two blocks of padding: the 56-byte message leaves no room for the length.
-            assert_eq!(
-                hex(&digest(
-                    b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
-                )),
-                "84983e441c3bd26ebaae4aa1f95129e5e54670f1"
-            );
-            assert_eq!(
-                hex(&digest(&vec![b'a'; 1_000_000])),
-                "34aa973cd4c4daa4f61eeb2bdbad27316534016f"
-            );
-        }
-    }
-}
-
-/// Base64 encoding (RFC 4648 §4, standard alphabet, padded), for `Sec-WebSocket-Accept`.
-mod base64 {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(data: &[u8]) -> String {
-        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-        for group in data.chunks(3) {
-            let mut bytes = [0u8; 3];
-            bytes[..group.len()].copy_from_slice(group);
-            let bits = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]);
-            // A group of n bytes fills n + 1 sextets; '=' pads the rest of the four.
-            for i in 0..4 {
-                if i <= group.len() {
-                    let sextet = (bits >> (18 - 6 * i)) & 0x3f;
-                    out.push(char::from(ALPHABET[sextet as usize]));
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::encode;
-
-        #[test]
-        fn rfc4648_vectors() {
-            for (input, expected) in [
-                ("", ""),
-                ("f", "Zg=="),
-                ("fo", "Zm8="),
-                ("foo", "Zm9v"),
-                ("foob", "Zm9vYg=="),
-                ("fooba", "Zm9vYmE="),
-                ("foobar", "Zm9vYmFy"),
-            ] {
-                assert_eq!(encode(input.as_bytes()), expected);
-            }
         }
     }
 }

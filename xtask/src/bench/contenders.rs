@@ -25,7 +25,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{backends::Backends, json, system};
+use serde_json::Value;
+
+use super::{backends::Backends, system};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contender {
@@ -170,9 +172,9 @@ impl Running {
         else {
             return Ok(None);
         };
-        let routes = json::parse(&admin_get(admin, "/api/routes")?)?;
+        let routes = admin_routes(admin)?;
         Ok(kernel_field(&routes, domain, "connects")
-            .and_then(json::Value::as_f64)
+            .and_then(Value::as_f64)
             .map(|n| n as u64))
     }
     /// The proxy's process id; `None` for `direct`.
@@ -192,11 +194,11 @@ impl Running {
         let Some(admin) = self.admin else {
             return Ok(None);
         };
-        let routes = json::parse(&admin_get(admin, "/api/routes")?)?;
+        let routes = admin_routes(admin)?;
         let datapath = routes
             .get("datapath")
             .context("no `datapath` in /api/routes")?;
-        let counter = |key: &str| datapath.get(key).and_then(json::Value::as_f64);
+        let counter = |key: &str| datapath.get(key).and_then(Value::as_f64);
         Ok(Some(DatapathCounters {
             copied: counter("bytes_copied").unwrap_or(0.0),
             spliced: counter("bytes_spliced").unwrap_or(0.0),
@@ -659,14 +661,14 @@ fn start_router(
         running
             .check_alive()
             .with_context(|| format!("{what} stopped"))?;
-        let routes = admin_get(admin, "/api/routes").and_then(|body| json::parse(&body));
+        let routes = admin_routes(admin);
         let up = routes
             .as_ref()
             .map_or(0, |routes| backends_up(routes, domain));
         // The kernel path only once the agent owns the maps and serves the route there.
         let kernel_ready = !socket_lb
             || routes.as_ref().is_ok_and(|routes| {
-                kernel_field(routes, domain, "served").and_then(json::Value::as_bool) == Some(true)
+                kernel_field(routes, domain, "served").and_then(Value::as_bool) == Some(true)
             });
         if up >= wanted
             && kernel_ready
@@ -693,32 +695,37 @@ fn start_router(
 }
 
 /// A field of the `kernel` object of the tcp route for `domain` in `/api/routes`.
-fn kernel_field<'a>(routes: &'a json::Value, domain: &str, key: &str) -> Option<&'a json::Value> {
+fn kernel_field<'a>(routes: &'a Value, domain: &str, key: &str) -> Option<&'a Value> {
     routes
         .get("routes")
-        .map(json::Value::items)
-        .unwrap_or_default()
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
         .iter()
-        .find(|r| r.get("domain").and_then(json::Value::as_str) == Some(domain))?
+        .find(|r| r.get("domain").and_then(Value::as_str) == Some(domain))?
         .get("kernel")?
         .get(key)
 }
 
 /// How many backends of the route for `domain` are `up`.
-fn backends_up(routes: &json::Value, domain: &str) -> usize {
+fn backends_up(routes: &Value, domain: &str) -> usize {
     routes
         .get("routes")
-        .map(json::Value::items)
-        .unwrap_or_default()
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
         .iter()
-        .filter(|r| r.get("domain").and_then(json::Value::as_str) == Some(domain))
+        .filter(|r| r.get("domain").and_then(Value::as_str) == Some(domain))
         .flat_map(|r| {
             r.get("backends")
-                .map(json::Value::items)
-                .unwrap_or_default()
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice)
         })
-        .filter(|b| b.get("state").and_then(json::Value::as_str) == Some("up"))
+        .filter(|b| b.get("state").and_then(Value::as_str) == Some("up"))
         .count()
+}
+
+/// The router's `/api/routes`, parsed.
+fn admin_routes(admin: SocketAddr) -> anyhow::Result<Value> {
+    serde_json::from_str(&admin_get(admin, "/api/routes")?).context("/api/routes is not JSON")
 }
 
 /// GET on the router's admin API (it answers with Content-Length and closes).

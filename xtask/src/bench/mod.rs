@@ -18,7 +18,6 @@ mod backends;
 mod cgroup;
 mod connect;
 mod contenders;
-mod json;
 mod pingpong;
 pub mod profile;
 mod report;

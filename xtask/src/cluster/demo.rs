@@ -35,7 +35,7 @@ pub fn run(nodes: &[Node], seconds: u64) -> anyhow::Result<()> {
         ],
     )?;
     let result = (|| {
-        wait_client_output(manager, Duration::from_secs(60))?;
+        wait_client_output(manager, Duration::from_mins(1))?;
         println!("demo: letting restclient run for {seconds} s");
         std::thread::sleep(Duration::from_secs(seconds));
         let logs = client_logs(manager)?;
