@@ -17,6 +17,7 @@ pub mod labels;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
+pub mod privilege;
 pub mod registry;
 pub mod socket_lb;
 pub mod table;
