@@ -230,12 +230,17 @@ async fn wait_for_successor(listen: &[SocketAddr], workers: usize, deadline: Ins
 /// load is not fatal in the `auto` modes: the agent then serves that part in userspace, and one
 /// line says what (a host without the privilege gets exactly one line for both).
 fn load_kernel(config: &Config) -> anyhow::Result<(Option<KernelOffload>, Option<Arc<SocketLb>>)> {
+    // Without either capability nothing of it could load: say that, rather than the first
+    // syscall's EPERM, and leave no directory behind in bpffs.
+    let unprivileged = privilege::lacks_bpf_privilege();
     let offload = if matches!(config.datapath, DatapathMode::Copy | DatapathMode::Splice) {
         info!(
             "kernel offload off: --datapath {:?} keeps every byte in userspace",
             config.datapath
         );
         Ok(None)
+    } else if let Some(why) = &unprivileged {
+        Err(anyhow::anyhow!("{why}"))
     } else {
         KernelOffload::load(config.max_connections).map(Some)
     };
@@ -259,6 +264,8 @@ fn load_kernel(config: &Config) -> anyhow::Result<(Option<KernelOffload>, Option
             ),
         }
         Ok(None)
+    } else if let Some(why) = unprivileged {
+        Err(anyhow::anyhow!("{why}"))
     } else {
         SocketLb::open(&config.socket_lb, &config.listen).map(|lb| Some(Arc::new(lb)))
     };

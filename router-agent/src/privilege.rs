@@ -19,10 +19,19 @@
 //! Capabilities belong to threads, not to the process: [`drop_all_but`] refuses to run once a
 //! second thread exists, so every thread (the runtime's, the HTTP workers) inherits the
 //! reduced sets.
-use std::fmt;
+use std::{fmt, sync::OnceLock};
 
 use anyhow::{Context as _, bail};
 use caps::{CapSet, Capability, CapsHashSet};
+
+/// The effective set [`drop_all_but`] left, for `/healthz`.
+static KEPT: OnceLock<Vec<Capability>> = OnceLock::new();
+
+/// The capabilities kept after start by name (`None` before the drop).
+pub fn kept_names() -> Option<Vec<String>> {
+    KEPT.get()
+        .map(|kept| kept.iter().map(ToString::to_string).collect())
+}
 
 /// The facts of this kernel that decide what the agent needs after start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +89,21 @@ pub fn sorted(caps: impl IntoIterator<Item = Capability>) -> Vec<Capability> {
     caps
 }
 
+/// Why this process cannot load eBPF programs at all, if it holds neither `CAP_BPF` nor
+/// `CAP_SYS_ADMIN` (a non-root agent, or root with them dropped from its bounding set).
+pub fn lacks_bpf_privilege() -> Option<String> {
+    let effective = caps::read(None, CapSet::Effective).ok()?;
+    if effective.contains(&Capability::CAP_BPF) || effective.contains(&Capability::CAP_SYS_ADMIN) {
+        return None;
+    }
+    // SAFETY: geteuid cannot fail and takes no argument.
+    let uid = unsafe { libc::geteuid() };
+    Some(format!(
+        "the agent runs as uid {uid} without CAP_BPF or CAP_SYS_ADMIN, which loading eBPF \
+         programs needs (with CAP_NET_ADMIN); run it as root for the kernel paths"
+    ))
+}
+
 /// What [`drop_all_but`] left, read back from the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
@@ -92,7 +116,11 @@ pub struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "capabilities kept after start: {}", names(&self.effective))?;
+        write!(
+            f,
+            "capabilities kept after start: {}",
+            names(&self.effective)
+        )?;
         write!(
             f,
             " (effective = permitted; inheritable and ambient empty; no_new_privs set"
@@ -110,8 +138,8 @@ impl fmt::Display for Report {
         if !self.missing.is_empty() {
             write!(
                 f,
-                "; not held, so unavailable: {} (binding ports below 1024 fails without \
-                 CAP_NET_BIND_SERVICE)",
+                "; not held at start: {} (without CAP_NET_BIND_SERVICE, binding a port below \
+                 1024 fails)",
                 names(&self.missing)
             )?;
         }
@@ -144,7 +172,11 @@ pub fn drop_all_but(needed: &[Capability]) -> anyhow::Result<Report> {
         );
     }
     let permitted = read(CapSet::Permitted)?;
-    let keep: CapsHashSet = needed.iter().copied().filter(|c| permitted.contains(c)).collect();
+    let keep: CapsHashSet = needed
+        .iter()
+        .copied()
+        .filter(|c| permitted.contains(c))
+        .collect();
     let can_shrink_bounding = read(CapSet::Effective)?.contains(&Capability::CAP_SETPCAP);
     if can_shrink_bounding {
         for cap in read(CapSet::Bounding)?.difference(&keep) {
@@ -165,7 +197,11 @@ pub fn drop_all_but(needed: &[Capability]) -> anyhow::Result<Report> {
         effective: sorted(read(CapSet::Effective)?),
         permitted: sorted(read(CapSet::Permitted)?),
         bounding: sorted(read(CapSet::Bounding)?),
-        missing: needed.iter().copied().filter(|c| !keep.contains(c)).collect(),
+        missing: needed
+            .iter()
+            .copied()
+            .filter(|c| !keep.contains(c))
+            .collect(),
     };
     let kept = sorted(keep);
     if report.effective != kept || report.permitted != kept {
@@ -176,6 +212,7 @@ pub fn drop_all_but(needed: &[Capability]) -> anyhow::Result<Report> {
             names(&kept)
         );
     }
+    let _ = KEPT.set(report.effective.clone());
     Ok(report)
 }
 
@@ -221,7 +258,11 @@ mod tests {
             // Before, the sysctl gates every bpf(2) command.
             (true, kernel((6, 4), true), &[CAP_NET_BIND_SERVICE, CAP_BPF]),
             (true, kernel((5, 8), true), &[CAP_NET_BIND_SERVICE, CAP_BPF]),
-            (true, kernel((5, 4), true), &[CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN]),
+            (
+                true,
+                kernel((5, 4), true),
+                &[CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN],
+            ),
             (true, kernel((6, 1), false), &[CAP_NET_BIND_SERVICE]),
             // Without eBPF, only the listeners.
             (false, kernel((5, 4), true), &[CAP_NET_BIND_SERVICE]),
@@ -258,8 +299,17 @@ mod tests {
             missing: kept,
         };
         let line = unprivileged.to_string();
-        assert!(line.starts_with("capabilities kept after start: none"), "{line}");
-        assert!(line.contains("bounding set CAP_CHOWN left as started"), "{line}");
-        assert!(line.contains("not held, so unavailable: CAP_NET_BIND_SERVICE"), "{line}");
+        assert!(
+            line.starts_with("capabilities kept after start: none"),
+            "{line}"
+        );
+        assert!(
+            line.contains("bounding set CAP_CHOWN left as started"),
+            "{line}"
+        );
+        assert!(
+            line.contains("not held at start: CAP_NET_BIND_SERVICE"),
+            "{line}"
+        );
     }
 }

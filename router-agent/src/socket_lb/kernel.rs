@@ -463,10 +463,7 @@ fn layout_fingerprint() -> anyhow::Result<u64> {
     Ok(hasher.finish())
 }
 
-fn sock_addr_program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> anyhow::Result<&'a mut CgroupSockAddr> {
+fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut CgroupSockAddr> {
     ebpf.program_mut(name)
         .with_context(|| format!("the socket-lb object has no {name} program"))?
         .try_into()
