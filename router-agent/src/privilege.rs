@@ -47,9 +47,8 @@ impl Kernel {
     pub fn read() -> Self {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
-            .map(|v| v.trim() != "0")
             // Kernels without the knob let anyone use bpf(2) where it exists.
-            .unwrap_or(false);
+            .is_ok_and(|v| v.trim() != "0");
         Self {
             version: parse_release(&release).unwrap_or((0, 0)),
             unprivileged_bpf_disabled: disabled,
@@ -84,7 +83,7 @@ pub fn needed_after_start(ebpf_loaded: bool, kernel: Kernel) -> Vec<Capability> 
 /// In the kernel's order (capability numbers), as `/proc/<pid>/status` masks list them.
 pub fn sorted(caps: impl IntoIterator<Item = Capability>) -> Vec<Capability> {
     let mut caps: Vec<Capability> = caps.into_iter().collect();
-    caps.sort_by_key(|c| c.index());
+    caps.sort_by_key(Capability::index);
     caps.dedup();
     caps
 }
@@ -98,9 +97,15 @@ pub fn lacks_bpf_privilege() -> Option<String> {
     }
     // SAFETY: geteuid cannot fail and takes no argument.
     let uid = unsafe { libc::geteuid() };
+    let remedy = if uid == 0 {
+        "its bounding set lacks them; give it CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN for the \
+         kernel paths"
+    } else {
+        "run it as root for the kernel paths"
+    };
     Some(format!(
         "the agent runs as uid {uid} without CAP_BPF or CAP_SYS_ADMIN, which loading eBPF \
-         programs needs (with CAP_NET_ADMIN); run it as root for the kernel paths"
+         programs needs (with CAP_NET_ADMIN); {remedy}"
     ))
 }
 
