@@ -35,8 +35,6 @@ const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
 pub struct Prepared {
     offload: Option<KernelOffload>,
     socket_lb: Option<Arc<SocketLb>>,
-    /// The capability sets left (see `privilege`).
-    pub privileges: privilege::Report,
 }
 
 /// Does what needs privileges, then gives them up: loads and attaches the eBPF programs (the
@@ -53,17 +51,11 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     );
     let privileges = privilege::drop_all_but(&needed).context("dropping capabilities")?;
     info!("{privileges}");
-    Ok(Prepared {
-        offload,
-        socket_lb,
-        privileges,
-    })
+    Ok(Prepared { offload, socket_lb })
 }
 
 pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
-    let Prepared {
-        offload, socket_lb, ..
-    } = prepared;
+    let Prepared { offload, socket_lb } = prepared;
     let published = Arc::new(Published::new(config.internal_cidrs.as_deref()));
     let metrics = Arc::new(Metrics::default());
 

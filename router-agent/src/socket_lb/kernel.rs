@@ -115,8 +115,8 @@ impl Kernel {
             loader.map_pin_path(name, maps_dir.join(name));
         }
         let mut ebpf = loader.load(OBJECT).context(
-            "loading the socket-lb eBPF object failed (needs root, or CAP_BPF, CAP_NET_ADMIN and \
-             CAP_SYS_ADMIN)",
+            "loading the socket-lb eBPF object failed (needs root, or CAP_BPF, CAP_PERFMON and \
+             CAP_NET_ADMIN)",
         )?;
         // Loaded now, while the agent holds CAP_BPF and CAP_NET_ADMIN (`privilege` drops them
         // before it is ready); attached once it is ready, which needs only the descriptors
