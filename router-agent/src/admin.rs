@@ -286,6 +286,7 @@ fn healthz(state: &AdminState) -> (u16, &'static str, String) {
         "kernel_offload": state.proxy.offload.is_some(),
         "connections": state.proxy.metrics.connections_open(),
         "max_connections": state.proxy.admission.max_connections(),
+        "capabilities": crate::privilege::kept_names(),
     })
     .to_string();
     let code = if status == "ok" { 200 } else { 503 };

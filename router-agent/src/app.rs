@@ -1,6 +1,7 @@
-//! Start-up and shutdown: wires discovery and probes to the registry, the registry to the
-//! listeners and the admin API; serves only once ready, and hands over to a successor at
-//! SIGTERM (see `handover`).
+//! Start-up and shutdown: loads the eBPF programs and drops the privileges no longer needed
+//! ([`prepare`], before any thread starts), then wires discovery and probes to the registry,
+//! the registry to the listeners and the admin API; serves only once ready, and hands over to a
+//! successor at SIGTERM (see `handover`).
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
@@ -18,6 +19,7 @@ use crate::{
     ebpf::KernelOffload,
     handover, host_addrs,
     metrics::Metrics,
+    privilege,
     proxy::{self, Phase, ProxyContext},
     registry::{Message, Published, Registry, RegistrySettings},
     socket_lb::{self, SocketLb},
@@ -29,8 +31,31 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a handing-over agent looks for its successor's listeners.
 const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let (offload, socket_lb) = load_kernel(&config)?;
+/// What the agent set up while it still held every capability it was started with.
+pub struct Prepared {
+    offload: Option<KernelOffload>,
+    socket_lb: Option<Arc<SocketLb>>,
+}
+
+/// Does what needs privileges, then gives them up: loads and attaches the eBPF programs (the
+/// socket-lb ones are loaded here and attached once the agent is ready, which needs no
+/// capability), turns on request migration, and drops every capability but those
+/// [`privilege::needed_after_start`] names. Call it before any other thread exists (before the
+/// async runtime): capabilities are per thread.
+pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
+    let (offload, socket_lb) = load_kernel(config)?;
+    handover::enable_request_migration();
+    let needed = privilege::needed_after_start(
+        offload.is_some() || socket_lb.is_some(),
+        privilege::Kernel::read(),
+    );
+    let privileges = privilege::drop_all_but(&needed).context("dropping capabilities")?;
+    info!("{privileges}");
+    Ok(Prepared { offload, socket_lb })
+}
+
+pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared { offload, socket_lb } = prepared;
     let published = Arc::new(Published::new(config.internal_cidrs.as_deref()));
     let metrics = Arc::new(Metrics::default());
 
@@ -101,7 +126,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         socket_lb: socket_lb.clone(),
     };
     tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
-    handover::enable_request_migration();
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -198,12 +222,17 @@ async fn wait_for_successor(listen: &[SocketAddr], workers: usize, deadline: Ins
 /// load is not fatal in the `auto` modes: the agent then serves that part in userspace, and one
 /// line says what (a host without the privilege gets exactly one line for both).
 fn load_kernel(config: &Config) -> anyhow::Result<(Option<KernelOffload>, Option<Arc<SocketLb>>)> {
+    // Without either capability nothing of it could load: say that, rather than the first
+    // syscall's EPERM, and leave no directory behind in bpffs.
+    let unprivileged = privilege::lacks_bpf_privilege();
     let offload = if matches!(config.datapath, DatapathMode::Copy | DatapathMode::Splice) {
         info!(
             "kernel offload off: --datapath {:?} keeps every byte in userspace",
             config.datapath
         );
         Ok(None)
+    } else if let Some(why) = &unprivileged {
+        Err(anyhow::anyhow!("{why}"))
     } else {
         KernelOffload::load(config.max_connections).map(Some)
     };
@@ -227,6 +256,8 @@ fn load_kernel(config: &Config) -> anyhow::Result<(Option<KernelOffload>, Option
             ),
         }
         Ok(None)
+    } else if let Some(why) = unprivileged {
+        Err(anyhow::anyhow!("{why}"))
     } else {
         SocketLb::open(&config.socket_lb, &config.listen).map(|lb| Some(Arc::new(lb)))
     };

@@ -211,7 +211,7 @@ fn load_object(entries: u32) -> anyhow::Result<Ebpf> {
     loader
         .join()
         .map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))?
-        .context("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN)")
+        .context("loading the eBPF object failed (needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")
 }
 
 /// Gives the calling thread a mount namespace of its own in which `/sys/kernel/btf` is an empty

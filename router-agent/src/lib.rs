@@ -15,6 +15,7 @@ pub mod host_addrs;
 pub mod http;
 pub mod labels;
 pub mod metrics;
+pub mod privilege;
 pub mod probe;
 pub mod proxy;
 pub mod registry;

@@ -30,6 +30,14 @@ fn main() -> ExitCode {
         };
     }
     init_logging(config.log_format);
+    // Before the runtime's threads exist: the capabilities it drops are per thread.
+    let prepared = match router_agent::app::prepare(&config) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     // This runtime carries the control plane (discovery, probes, admin API) and tunnels; HTTP
     // requests run on the worker threads `app::run` starts.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -43,7 +51,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(router_agent::app::run(config)) {
+    match runtime.block_on(router_agent::app::run(config, prepared)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

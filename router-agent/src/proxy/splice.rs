@@ -50,10 +50,16 @@ impl Pipe {
                 libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX),
             )
         };
+        // Refused (beyond pipe-max-size, or past the owner's fs.pipe-user-pages-soft once the
+        // agent dropped CAP_SYS_RESOURCE): the pipe keeps what it was created with, which is
+        // less than the default 64 KiB past the soft limit. Splicing must know the real size:
+        // a transfer that believes the pipe has room it lacks spins.
         let capacity = if granted > 0 {
             granted as usize
         } else {
-            64 * 1024
+            // SAFETY: fcntl on a pipe fd we own, without arguments.
+            let current = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            usize::try_from(current).unwrap_or(0).max(4096)
         };
         Ok(Self {
             read,

@@ -115,9 +115,17 @@ impl Kernel {
             loader.map_pin_path(name, maps_dir.join(name));
         }
         let mut ebpf = loader.load(OBJECT).context(
-            "loading the socket-lb eBPF object failed (needs root, or CAP_BPF, CAP_NET_ADMIN and \
-             CAP_SYS_ADMIN)",
+            "loading the socket-lb eBPF object failed (needs root, or CAP_BPF, CAP_PERFMON and \
+             CAP_NET_ADMIN)",
         )?;
+        // Loaded now, while the agent holds CAP_BPF and CAP_NET_ADMIN (`privilege` drops them
+        // before it is ready); attached once it is ready, which needs only the descriptors
+        // (`ensure_programs`).
+        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+            sock_addr_program(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("the kernel refused the {name} program"))?;
+        }
         let cgroup_id = prepare_cgroup(cgroup)?;
         Ok(Self {
             frontends: take_map(&mut ebpf, maps::FRONTENDS)?,
@@ -284,17 +292,7 @@ impl Kernel {
             if config.build == self.build && attached.is_some_and(|id| id == *recorded) {
                 continue;
             }
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("the socket-lb object has no {name} program"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
-            if program.fd().is_err() {
-                program
-                    .load()
-                    .with_context(|| format!("the kernel refused the {name} program"))?;
-            }
+            let program = sock_addr_program(&mut self.ebpf, name)?;
             *recorded = program.info().context("reading the program's id")?.id();
             if attached.is_some() {
                 let link = sys::obj_get(&link_path)
@@ -463,6 +461,13 @@ fn layout_fingerprint() -> anyhow::Result<u64> {
         }
     }
     Ok(hasher.finish())
+}
+
+fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("the socket-lb object has no {name} program"))?
+        .try_into()
+        .with_context(|| format!("{name} is not a cgroup sock_addr program"))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
