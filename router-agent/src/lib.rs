@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod registry;
 pub mod socket_lb;
 pub mod table;
+pub mod tls;
