@@ -219,6 +219,33 @@ pub fn load_pair(
     }
 }
 
+/// Why the leaf certificate does not cover `domain` (`*.suffix`: any name under it), if it
+/// does not.
+fn not_valid_for(certified: &CertifiedKey, domain: &str) -> Option<String> {
+    let leaf = certified.cert.first()?;
+    let Ok(parsed) = webpki::EndEntityCert::try_from(leaf) else {
+        return Some("cannot be parsed".into());
+    };
+    // A wildcard file must cover every name one label under its suffix: try one of them.
+    let probe = match domain.strip_prefix("*.") {
+        Some(suffix) => format!("wildcard-check.{suffix}"),
+        None => domain.to_owned(),
+    };
+    let name = rustls::pki_types::ServerName::try_from(probe.as_str()).ok()?;
+    if parsed.verify_is_valid_for_subject_name(&name).is_ok() {
+        return None;
+    }
+    let names: Vec<&str> = parsed.valid_dns_names().collect();
+    Some(format!(
+        "is not valid for it (its DNS names: {})",
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    ))
+}
+
 /// The bytes last read for a pair (its files are parsed again only when they change).
 #[derive(PartialEq, Eq)]
 struct Seen {
@@ -347,6 +374,15 @@ impl CertDir {
             }
             match load_pair(files, &seen.cert_pem, &seen.key_pem) {
                 Ok(certified) => {
+                    if let Some(why) = not_valid_for(&certified, &files.domain) {
+                        // Loaded anyway: a certificate naming its host only in the subject's
+                        // CN still satisfies some clients.
+                        warn!(
+                            cert = %files.cert.display(),
+                            "TLS certificate for {} {why}: clients that check names refuse it",
+                            files.domain
+                        );
+                    }
                     info!(
                         domain = %files.domain,
                         cert = %files.cert.display(),

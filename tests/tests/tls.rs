@@ -190,7 +190,7 @@ fn https_route_is_served_by_the_agents_tls_and_behind_a_terminator() {
 /// A certificate replaced on disk is served without a restart; a bad file is reported, naming
 /// the file, and the previous certificate stays in use.
 #[test]
-fn certificate_changes_are_picked_up_and_a_bad_file_keeps_the_old_one() {
+fn tls_certificate_changes_are_picked_up_and_a_bad_file_keeps_the_old_one() {
     let domain = format!("{}.local", unique("rotate"));
     let dir = cert_dir();
     make_cert(&dir, &domain, &domain, "first");
@@ -247,5 +247,23 @@ fn certificate_changes_are_picked_up_and_a_bad_file_keeps_the_old_one() {
     assert!(
         served_with(&second_ca),
         "the previous certificate still serves"
+    );
+
+    // A certificate for another name is loaded, with a warning that says which names it has.
+    make_cert(&spare, "wrong", "elsewhere.local", "wrong");
+    for ext in ["key", "crt"] {
+        let aside = dir.join(format!(".{domain}.{ext}.new"));
+        std::fs::copy(spare.join(format!("wrong.{ext}")), &aside).expect("copy");
+        std::fs::rename(&aside, dir.join(format!("{domain}.{ext}"))).expect("rename");
+    }
+    wait_for(
+        "the agent to warn about a certificate for another name",
+        Duration::from_secs(10),
+        || {
+            agent.log().lines().any(|l| {
+                l.contains(&format!("TLS certificate for {domain} is not valid for it"))
+                    && l.contains("its DNS names: elsewhere.local")
+            })
+        },
     );
 }
