@@ -584,9 +584,12 @@ mod tests {
             "listen_tls = [\"0.0.0.0:443\"]\ntls_cert_dir = \"/etc/router/certs\"\n",
         )
         .unwrap();
-        let config =
-            Config::load(Cli::parse_from(["router-agent", "--config", path.to_str().unwrap()]))
-                .unwrap();
+        let config = Config::load(Cli::parse_from([
+            "router-agent",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
         assert_eq!(config.listen_tls, vec!["0.0.0.0:443".parse().unwrap()]);
         assert_eq!(
             config.tls_cert_dir.as_deref(),

@@ -366,7 +366,11 @@ impl CertDir {
                 key_pem,
             };
             if self.seen.get(&files.domain) == Some(&seen) {
-                if let Some(why) = self.reported.iter().find(|r| r.starts_with(&format!("{}: ", files.domain))) {
+                if let Some(why) = self
+                    .reported
+                    .iter()
+                    .find(|r| r.starts_with(&format!("{}: ", files.domain)))
+                {
                     // Still bad, and already reported as such.
                     problems.push(why.clone());
                 }

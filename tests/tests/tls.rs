@@ -173,9 +173,11 @@ fn https_route_is_served_by_the_agents_tls_and_behind_a_terminator() {
         }
         received
     });
-    wait_for("the WebSocket echo over TLS", Duration::from_secs(15), || {
-        reader.is_finished()
-    });
+    wait_for(
+        "the WebSocket echo over TLS",
+        Duration::from_secs(15),
+        || reader.is_finished(),
+    );
     let received = reader.join().expect("reader");
     let _ = s_client.kill();
     let _ = s_client.wait();

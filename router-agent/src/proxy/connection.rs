@@ -711,7 +711,10 @@ async fn upgrade_to_tunnel(
     ctx: &ProxyContext,
 ) {
     for (bytes, to) in [
-        (&mut upstream.buf, &mut *client as &mut (dyn AsyncWrite + Unpin + Send)),
+        (
+            &mut upstream.buf,
+            &mut *client as &mut (dyn AsyncWrite + Unpin + Send),
+        ),
         (client_buf, &mut upstream.stream),
     ] {
         if !bytes.is_empty() {

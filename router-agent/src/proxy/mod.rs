@@ -288,7 +288,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     let local = listener.local_addr().ok();
     info!("serving HTTP routes on {local:?}");
     while let Some((stream, peer, admitted)) = accept(&listener, &ctx).await {
-        tokio::spawn(connection::handle(stream.into(), peer, ctx.clone(), admitted));
+        tokio::spawn(connection::handle(
+            stream.into(),
+            peer,
+            ctx.clone(),
+            admitted,
+        ));
     }
     info!("stopped accepting on {local:?}");
 }
