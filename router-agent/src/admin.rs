@@ -22,6 +22,7 @@ use crate::{
     registry::Published,
     socket_lb::{self, SocketLb},
     table::Route,
+    tls::CertStore,
 };
 
 /// The admin API reads what the data path shares.
@@ -29,6 +30,8 @@ pub struct AdminState {
     pub proxy: Arc<ProxyContext>,
     /// Socket-level balancing, when it loaded.
     pub socket_lb: Option<Arc<SocketLb>>,
+    /// The certificates of `--listen-tls`, when the agent terminates TLS.
+    pub tls: Option<Arc<CertStore>>,
 }
 
 impl AdminState {
@@ -134,6 +137,11 @@ struct RouteJson<'a> {
     listen_port: Option<u16>,
     internal: bool,
     sticky: bool,
+    /// Who ends the clients' TLS: `agent` (a certificate for the domain is loaded; served on
+    /// `--listen-tls` too), `external` (an https/wss route without one: a terminator in front
+    /// sends plain HTTP). Absent for http/ws routes the agent has no certificate for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<&'static str>,
     /// tcp routes: whether the kernel balances their connects (socket-level balancing).
     #[serde(skip_serializing_if = "Option::is_none")]
     kernel: Option<socket_lb::RouteStatus>,
@@ -210,6 +218,12 @@ fn route_json<'a>(route: &'a Route, state: &AdminState) -> RouteJson<'a> {
         listen_port: route.listen_port,
         internal: route.internal,
         sticky: route.sticky,
+        tls: match &state.tls {
+            _ if route.listen_port.is_some() => None,
+            Some(store) if store.terminates(&route.domain) => Some("agent"),
+            _ if route.scheme.behind_tls() => Some("external"),
+            _ => None,
+        },
         kernel: route.listen_port.map(|port| match &state.socket_lb {
             Some(lb) => lb.route_status(port),
             None => socket_lb::RouteStatus {

@@ -23,6 +23,7 @@ use crate::{
     proxy::{self, Phase, ProxyContext},
     registry::{Message, Published, Registry, RegistrySettings},
     socket_lb::{self, SocketLb},
+    tls,
 };
 
 /// The longest the agent waits for its first Docker sync and first health checks before it
@@ -121,9 +122,19 @@ pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
         cluster: std::sync::OnceLock::new(),
     });
     tokio::spawn(proxy::maintain_pool(ctx.clone()));
+    let tls = match &config.tls_cert_dir {
+        Some(dir) if !config.listen_tls.is_empty() => {
+            let certs = tls::CertDir::open(dir)?;
+            let store = certs.store();
+            tokio::spawn(certs.follow());
+            Some(store)
+        }
+        _ => None,
+    };
     let admin = admin::AdminState {
         proxy: ctx.clone(),
         socket_lb: socket_lb.clone(),
+        tls: tls.clone(),
     };
     tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
 
@@ -149,7 +160,14 @@ pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
         tokio::spawn(socket_lb.clone().run(published.clone()));
     }
     tokio::spawn(proxy::serve_tcp_routes(ctx.clone(), route_addresses));
-    proxy::spawn_workers(&ctx, &config.listen, config.workers)?;
+    let tls_listen = match tls {
+        Some(store) => Some(proxy::TlsListen {
+            addresses: config.listen_tls.clone(),
+            acceptor: tls::acceptor(store)?,
+        }),
+        None => None,
+    };
+    proxy::spawn_workers(&ctx, &config.listen, tls_listen.as_ref(), config.workers)?;
     phase_tx.send_replace(Phase::Serving);
     info!(
         max_connections = config.max_connections,

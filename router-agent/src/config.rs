@@ -102,6 +102,15 @@ pub struct Cli {
     /// Address to serve HTTP routes on (repeatable) [default: 0.0.0.0:80].
     #[arg(long, env = "ROUTER_LISTEN", value_delimiter = ',')]
     pub listen: Vec<SocketAddr>,
+    /// Address to serve HTTP routes on with TLS the agent terminates (repeatable), e.g.
+    /// 0.0.0.0:443; needs --tls-cert-dir [default: none].
+    #[arg(long, env = "ROUTER_LISTEN_TLS", value_delimiter = ',')]
+    pub listen_tls: Vec<SocketAddr>,
+    /// Directory of PEM certificates and keys for --listen-tls: <domain>.crt and <domain>.key
+    /// (or certbot's <domain>/fullchain.pem and privkey.pem; `_wildcard.<suffix>` for
+    /// `*.<suffix>`), read again when they change.
+    #[arg(long, env = "ROUTER_TLS_CERT_DIR")]
+    pub tls_cert_dir: Option<PathBuf>,
     /// Address of the admin API [default: 127.0.0.1:9090].
     #[arg(long, env = "ROUTER_ADMIN")]
     pub admin: Option<SocketAddr>,
@@ -153,6 +162,8 @@ pub struct Cli {
 #[serde(default, deny_unknown_fields)]
 struct FileConfig {
     listen: Vec<SocketAddr>,
+    listen_tls: Vec<SocketAddr>,
+    tls_cert_dir: Option<PathBuf>,
     admin: Option<SocketAddr>,
     docker_host: Option<String>,
     internal_cidr: Vec<Cidr>,
@@ -248,6 +259,10 @@ impl Default for ProxySettings {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
+    /// Where the agent terminates TLS itself (empty: nowhere).
+    pub listen_tls: Vec<SocketAddr>,
+    /// The certificates for `listen_tls`.
+    pub tls_cert_dir: Option<PathBuf>,
     pub admin: SocketAddr,
     pub docker_host: String,
     /// `None`: derived from loopback, the host's own addresses and the Docker networks.
@@ -286,6 +301,8 @@ impl Config {
         let config = Self {
             listen: first_non_empty(cli.listen, file.listen)
                 .unwrap_or_else(|| vec![SocketAddr::from(([0, 0, 0, 0], 80))]),
+            listen_tls: first_non_empty(cli.listen_tls, file.listen_tls).unwrap_or_default(),
+            tls_cert_dir: cli.tls_cert_dir.or(file.tls_cert_dir),
             admin: cli
                 .admin
                 .or(file.admin)
@@ -405,6 +422,18 @@ impl Config {
                 "pin_path {}: use an absolute path on bpffs, such as {DEFAULT_PIN_PATH}",
                 self.socket_lb.pin_path.display()
             );
+        }
+        match (self.listen_tls.is_empty(), &self.tls_cert_dir) {
+            (false, None) => bail!(
+                "--listen-tls needs --tls-cert-dir DIR, the directory with <domain>.crt and \
+                 <domain>.key files"
+            ),
+            (true, Some(dir)) => bail!(
+                "--tls-cert-dir {} without --listen-tls: add --listen-tls 0.0.0.0:443 (or drop \
+                 the directory)",
+                dir.display()
+            ),
+            _ => {}
         }
         if self.proxy.error_limit == 0 {
             bail!("error_limit must be at least 1 (consecutive failed exchanges)");
@@ -537,6 +566,35 @@ mod tests {
         assert!(err.contains("lower-case DNS suffix"), "{err}");
         assert!(Cli::try_parse_from(["router-agent", "--internal-cidr", "10.0.0.0/40"]).is_err());
         assert!(Cli::try_parse_from(["router-agent", "--datapath", "fast"]).is_err());
+    }
+
+    #[test]
+    fn tls_listener_and_directory_go_together() {
+        let cli = Cli::parse_from(["router-agent", "--listen-tls", "127.0.0.1:8443"]);
+        let err = Config::load(cli).unwrap_err().to_string();
+        assert!(err.contains("--listen-tls needs --tls-cert-dir"), "{err}");
+        let cli = Cli::parse_from(["router-agent", "--tls-cert-dir", "/etc/router/certs"]);
+        let err = Config::load(cli).unwrap_err().to_string();
+        assert!(err.contains("without --listen-tls"), "{err}");
+        let dir = std::env::temp_dir().join(format!("router-tls-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("router.toml");
+        std::fs::write(
+            &path,
+            "listen_tls = [\"0.0.0.0:443\"]\ntls_cert_dir = \"/etc/router/certs\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Cli::parse_from([
+            "router-agent",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(config.listen_tls, vec!["0.0.0.0:443".parse().unwrap()]);
+        assert_eq!(
+            config.tls_cert_dir.as_deref(),
+            Some(std::path::Path::new("/etc/router/certs"))
+        );
     }
 
     #[test]

@@ -21,3 +21,4 @@ pub mod proxy;
 pub mod registry;
 pub mod socket_lb;
 pub mod table;
+pub mod tls;

@@ -20,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "tini",
     "curl",
+    // The TLS tests make their certificates, and drive WebSocket over TLS, with it.
+    "openssl",
     "wrk",
     "haproxy",
     "nginx-light",

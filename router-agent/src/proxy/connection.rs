@@ -13,8 +13,7 @@ use std::{
 
 use bytes::{Buf as _, BytesMut};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     sync::watch,
     time::Instant,
 };
@@ -24,6 +23,7 @@ use super::{
     Admitted, Phase, ProxyContext,
     admission::ShedSignal,
     body::{self, BodyPath, RelayError},
+    client::ClientStream,
     tunnel,
     upstream::{self, Reuse, Tried, Unavailable, Upstream},
 };
@@ -44,7 +44,7 @@ const HEAD_READ_CHUNK: usize = 8 * 1024;
 const LINGER: Duration = Duration::from_millis(500);
 
 pub async fn handle(
-    stream: TcpStream,
+    stream: ClientStream,
     peer: SocketAddr,
     ctx: Arc<ProxyContext>,
     _admitted: Admitted,
@@ -95,7 +95,7 @@ enum Attempt {
 }
 
 struct Connection {
-    client: TcpStream,
+    client: ClientStream,
     peer: SocketAddr,
     /// `peer`'s address as text, for `X-Forwarded-For`.
     peer_ip: String,
@@ -267,7 +267,8 @@ impl Connection {
             self.answer(404).await;
             return Ok(Next::Close);
         }
-        if route.scheme.behind_tls() {
+        // Either a TLS terminator in front of the router or this agent's own TLS listener.
+        if route.scheme.behind_tls() || self.client.is_tls() {
             head.forward_as_https(&mut self.request_head);
         }
         let sticky = StickyId::new(head.sticky_id.clone().map(|r| &self.buf[r]));
@@ -433,7 +434,7 @@ impl Connection {
 
 /// The parts of a connection one request/response exchange borrows.
 struct RequestExchange<'a> {
-    client: &'a mut TcpStream,
+    client: &'a mut ClientStream,
     client_buf: &'a mut BytesMut,
     upstream: &'a mut Upstream,
     response_head: &'a mut Vec<u8>,
@@ -703,14 +704,17 @@ where
 /// along with the handshake (already in our buffers) goes first, through userspace, before the
 /// sockets become a tunnel.
 async fn upgrade_to_tunnel(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     client_buf: &mut BytesMut,
     upstream: &mut Upstream,
     path: tunnel::TunnelPath,
     ctx: &ProxyContext,
 ) {
     for (bytes, to) in [
-        (&mut upstream.buf, &mut *client),
+        (
+            &mut upstream.buf,
+            &mut *client as &mut (dyn AsyncWrite + Unpin + Send),
+        ),
         (client_buf, &mut upstream.stream),
     ] {
         if !bytes.is_empty() {
@@ -722,7 +726,7 @@ async fn upgrade_to_tunnel(
             bytes.clear();
         }
     }
-    tunnel::run(client, &mut upstream.stream, path, ctx).await;
+    client.tunnel(&mut upstream.stream, path, ctx).await;
 }
 
 /// Bodies up to this size that are already buffered go out in the same write as their head.

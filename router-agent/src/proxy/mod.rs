@@ -5,6 +5,7 @@
 //! connections within the descriptor budget.
 mod admission;
 mod body;
+mod client;
 mod connection;
 mod pool;
 mod splice;
@@ -229,17 +230,23 @@ fn bind_std(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 /// Starts `workers` threads, each with its own single-threaded runtime and its own listening
 /// socket on every address (`SO_REUSEPORT`): a connection lives and dies on one thread, with no
 /// cross-thread wake-ups or shared timer wheel on the request path. Binding happens here, so a
-/// port in use fails the start.
+/// port in use fails the start. The TLS listeners (`--listen-tls`), when given, run on the same
+/// threads.
 pub fn spawn_workers(
     ctx: &Arc<ProxyContext>,
     addresses: &[SocketAddr],
+    tls: Option<&TlsListen>,
     workers: usize,
 ) -> anyhow::Result<()> {
     for worker in 0..workers.max(1) {
-        let listeners = addresses
+        let mut listeners = addresses
             .iter()
-            .map(|addr| bind_std(*addr))
+            .map(|addr| Ok((bind_std(*addr)?, None)))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        for addr in tls.iter().flat_map(|tls| &tls.addresses) {
+            let acceptor = tls.map(|tls| tls.acceptor.clone());
+            listeners.push((bind_std(*addr)?, acceptor));
+        }
         let ctx = ctx.clone();
         std::thread::Builder::new()
             .name(format!("http-worker-{worker}"))
@@ -255,12 +262,15 @@ pub fn spawn_workers(
                     }
                 };
                 runtime.block_on(async move {
-                    for listener in listeners {
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => {
+                    for (listener, tls) in listeners {
+                        match (TcpListener::from_std(listener), tls) {
+                            (Ok(listener), None) => {
                                 tokio::spawn(serve(listener, ctx.clone()));
                             }
-                            Err(e) => warn!("http worker {worker}: {e}"),
+                            (Ok(listener), Some(acceptor)) => {
+                                tokio::spawn(serve_tls(listener, acceptor, ctx.clone()));
+                            }
+                            (Err(e), _) => warn!("http worker {worker}: {e}"),
                         }
                     }
                     // The connections of this thread run until the process exits (the main
@@ -278,7 +288,46 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     let local = listener.local_addr().ok();
     info!("serving HTTP routes on {local:?}");
     while let Some((stream, peer, admitted)) = accept(&listener, &ctx).await {
-        tokio::spawn(connection::handle(stream, peer, ctx.clone(), admitted));
+        tokio::spawn(connection::handle(
+            stream.into(),
+            peer,
+            ctx.clone(),
+            admitted,
+        ));
+    }
+    info!("stopped accepting on {local:?}");
+}
+
+/// Where the agent terminates TLS itself (`--listen-tls`), with the certificates of
+/// `--tls-cert-dir`.
+pub struct TlsListen {
+    pub addresses: Vec<SocketAddr>,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// Accepts TLS connections until the agent drains: each one is served like a plain one once its
+/// handshake completed within the header timeout. A client whose SNI names no domain with a
+/// certificate fails the handshake (the certificate resolver finds none; rustls alerts).
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<ProxyContext>,
+) {
+    let local = listener.local_addr().ok();
+    info!("serving HTTP routes with TLS on {local:?}");
+    while let Some((stream, peer, admitted)) = accept(&listener, &ctx).await {
+        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let timeout = ctx.settings.header_timeout;
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let client = client::ClientStream::Tls(Box::new(tls));
+                    connection::handle(client, peer, ctx, admitted).await;
+                }
+                Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
+                Err(_) => debug!(%peer, "no TLS handshake within {timeout:?}: closed"),
+            }
+        });
     }
     info!("stopped accepting on {local:?}");
 }

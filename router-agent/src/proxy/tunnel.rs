@@ -132,6 +132,33 @@ pub async fn run(
     }
 }
 
+/// A userspace copy both ways between a client that is not a plain socket (TLS the agent
+/// terminates; `client_fd` is its TCP socket, watched for idleness) and a backend.
+pub async fn run_copied<C>(
+    client: &mut C,
+    client_fd: RawFd,
+    backend: &mut TcpStream,
+    ctx: &ProxyContext,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let metrics = &ctx.metrics;
+    let idle_timeout = ctx.settings.tunnel_idle_timeout;
+    let backend_fd = backend.as_raw_fd();
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut backend_read, mut backend_write) = backend.split();
+    let up = copy_direction(&mut client_read, &mut backend_write, metrics);
+    let down = copy_direction(&mut backend_read, &mut client_write, metrics);
+    tokio::select! {
+        ended = async { tokio::try_join!(up, down) } => if let Err(e) = ended {
+            debug!("copied tunnel ended: {e}");
+        },
+        () = idle_for(client_fd, backend_fd, idle_timeout) => {
+            debug!("tunnel idle for {idle_timeout:?}: closed");
+        }
+    }
+}
+
 /// Resolves once neither socket has received a byte for `timeout`. The kernel stamps each
 /// socket's last data receive (`tcpi_last_data_recv`, whichever path then moves the bytes:
 /// copy, splice or sockhash redirect), so this sleeps until the earliest moment the tunnel can
