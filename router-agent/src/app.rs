@@ -19,7 +19,7 @@ use crate::{
     handover, host_addrs,
     metrics::Metrics,
     proxy::{self, Phase, ProxyContext},
-    registry::{Message, Published, Registry, RegistrySettings},
+    registry::{Message, Published, Registry, RegistrySettings, overrides::Overrides},
     socket_lb::{self, SocketLb},
 };
 
@@ -30,6 +30,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let (overrides, admin_token) = load_state(&config)?;
     let (offload, socket_lb) = load_kernel(&config)?;
     let published = Arc::new(Published::new(config.internal_cidrs.as_deref()));
     let metrics = Arc::new(Metrics::default());
@@ -42,6 +43,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 default_domain: config.default_domain.clone(),
                 auto_cidrs: config.internal_cidrs.is_none(),
                 backend_max_connections: config.proxy.backend_max_connections,
+                overrides,
             },
             docker.clone(),
             registry_tx.clone(),
@@ -99,6 +101,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin = admin::AdminState {
         proxy: ctx.clone(),
         socket_lb: socket_lb.clone(),
+        token: admin_token,
+        loopback_only: config.admin.ip().is_loopback(),
+        docker: docker.clone(),
     };
     tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
     handover::enable_request_migration();
@@ -159,6 +164,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     drop(offload);
     Ok(())
+}
+
+/// The state directory's parts: operators' overrides (a corrupt file stops the start: serving
+/// without the drains an operator set would send traffic where they said not to) and the admin
+/// token. A state directory that cannot be created leaves overrides in memory only.
+fn load_state(config: &Config) -> anyhow::Result<(Overrides, admin::auth::AdminToken)> {
+    let dir = &config.state_dir;
+    let usable = std::fs::create_dir_all(dir).is_ok() && is_writable(dir);
+    let overrides = if usable {
+        let overrides = Overrides::load(Some(dir))?;
+        info!(state_dir = %dir.display(), overrides = overrides.iter().count(), "operator overrides loaded");
+        overrides
+    } else {
+        warn!(
+            "state directory {} is not writable: operator overrides (`router-agent ctl`) will \
+             not survive a restart; give --state-dir a writable directory",
+            dir.display()
+        );
+        Overrides::load(None)?
+    };
+    let token =
+        admin::auth::AdminToken::load(config.admin, config.admin_token_file.as_deref(), dir)?;
+    Ok((overrides, token))
+}
+
+fn is_writable(dir: &std::path::Path) -> bool {
+    let probe = dir.join(format!(".write-test.{}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
 }
 
 /// Waits for the registry's first sync and first checks, at most [`READY_TIMEOUT`]: serving

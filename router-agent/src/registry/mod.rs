@@ -7,8 +7,12 @@
 //! cluster port streams to the other nodes.
 //!
 //! `entry` holds one local container, `passive` what proxy failures do, `remote` the other
-//! nodes' containers, `publish` the building of the table.
+//! nodes' containers, `publish` the building of the table, `overrides` and `control` what
+//! operators set at runtime, `events` the recent changes the dashboard shows.
+mod control;
 mod entry;
+pub mod events;
+pub mod overrides;
 mod passive;
 mod publish;
 mod remote;
@@ -29,9 +33,11 @@ use tracing::{info, warn};
 
 use self::{entry::Entry, remote::RemoteNodes};
 pub use self::{
+    control::{Control, ControlError, ControlMessage, ControlReply},
     entry::{ContainerView, HistoryItem},
     remote::PeerEvent,
 };
+use self::{events::EventLog, overrides::Overrides};
 use crate::{
     cidr::Cidr,
     cluster::wire::SharedContainer,
@@ -84,6 +90,8 @@ pub enum Message {
     Peer(PeerEvent),
     /// The cluster port subscribes to this node's containers.
     SubscribeLocal(oneshot::Sender<LocalFeed>),
+    /// An operator's override or question (admin API, `router-agent ctl`).
+    Control(ControlMessage),
 }
 
 /// This node's containers, for the other nodes' agents: what is there now, and every change
@@ -115,6 +123,8 @@ pub struct Published {
     /// True once the first Docker sync is done and the first checks of the containers found
     /// running have reported: the routing table then says what the agent would route.
     pub ready: tokio::sync::watch::Sender<bool>,
+    /// Recent container events, for the dashboard.
+    pub events: EventLog,
 }
 
 impl Published {
@@ -127,6 +137,7 @@ impl Published {
             ),
             engine_connected: AtomicBool::new(false),
             ready: tokio::sync::watch::Sender::new(false),
+            events: EventLog::default(),
         }
     }
 
@@ -142,6 +153,8 @@ pub struct RegistrySettings {
     pub auto_cidrs: bool,
     /// Requests in flight per backend container, when limited.
     pub backend_max_connections: Option<usize>,
+    /// Operators' overrides, as loaded from the state file.
+    pub overrides: Overrides,
 }
 
 pub struct Registry {
@@ -166,6 +179,8 @@ pub struct Registry {
     /// Local containers whose shared view changed in the current batch.
     dirty: HashSet<String>,
     local_changes: broadcast::Sender<LocalChange>,
+    /// Operators' overrides by container name (taken from the settings).
+    overrides: Overrides,
 }
 
 /// The way to readiness: the first sync, then the first result of every check that is due at
@@ -178,7 +193,7 @@ enum Startup {
 
 impl Registry {
     pub fn new(
-        settings: RegistrySettings,
+        mut settings: RegistrySettings,
         docker: DockerHandle,
         sender: mpsc::UnboundedSender<Message>,
         published: Arc<Published>,
@@ -190,7 +205,9 @@ impl Registry {
         } else {
             Vec::new()
         };
+        let overrides = std::mem::take(&mut settings.overrides);
         Self {
+            overrides,
             host_cidrs,
             settings,
             docker,
@@ -279,12 +296,17 @@ impl Registry {
             ),
             Message::SubscribeLocal(reply) => {
                 let _ = reply.send(LocalFeed {
-                    containers: self.containers.values().map(Entry::shared).collect(),
+                    containers: self
+                        .containers
+                        .values()
+                        .map(|e| e.shared(self.overrides.get(&e.info.name)))
+                        .collect(),
                     cidrs: self.local_cidrs.clone(),
                     changes: self.local_changes.subscribe(),
                 });
                 false
             }
+            Message::Control(message) => self.control(message),
         }
     }
 
@@ -302,7 +324,7 @@ impl Registry {
     fn send_local_changes(&mut self) {
         for id in std::mem::take(&mut self.dirty) {
             let change = match self.containers.get(&id) {
-                Some(entry) => LocalChange::Upsert(entry.shared()),
+                Some(entry) => LocalChange::Upsert(entry.shared(self.overrides.get(&entry.info.name))),
                 None => LocalChange::Remove(id),
             };
             // No subscriber is fine: single-host mode, or no peer connected yet.
@@ -339,7 +361,9 @@ impl Registry {
             return false;
         }
         info!(container = %entry.info.name, id = %short(&entry.info.id), "backend {before:?} -> {after:?}");
-        entry.remember(format!("state {before:?} -> {after:?}").to_lowercase());
+        let event = format!("state {before:?} -> {after:?}").to_lowercase();
+        self.published.events.push(&entry.info.name, event.clone());
+        entry.remember(event);
         self.dirty.insert(id.to_owned());
         true
     }
@@ -468,6 +492,13 @@ impl Registry {
             history: VecDeque::new(),
             first_check_due_at_once: false,
         };
+        self.published.events.push(
+            &entry.info.name,
+            match &entry.spec {
+                Ok(_) => "discovered".into(),
+                Err(errors) => format!("discovered with {} label error(s): not routed", errors.len()),
+            },
+        );
         match &entry.spec {
             Ok(_) => entry.remember("discovered".into()),
             Err(errors) => {
@@ -524,6 +555,9 @@ impl Registry {
             return false;
         };
         info!(container = %entry.info.name, id = %short(id), "container removed: {why}");
+        self.published
+            .events
+            .push(&entry.info.name, format!("removed: {why}"));
         self.dirty.insert(id.to_owned());
         true
     }
@@ -533,7 +567,10 @@ impl Registry {
     fn views(&self) -> Vec<ContainerView> {
         let mut local: Vec<&Entry> = self.containers.values().collect();
         local.sort_by(|a, b| (&a.info.name, &a.info.id).cmp(&(&b.info.name, &b.info.id)));
-        let mut views: Vec<ContainerView> = local.into_iter().map(Entry::view).collect();
+        let mut views: Vec<ContainerView> = local
+            .into_iter()
+            .map(|e| e.view(self.overrides.get(&e.info.name)))
+            .collect();
         let mut remote: Vec<ContainerView> = self
             .remote
             .nodes
