@@ -170,9 +170,11 @@ async fn read_request(
                         .find(|h| h.name.eq_ignore_ascii_case(name))
                         .map(|h| h.value)
                 };
-                let body_len = match header("content-length")
-                    .map(|v| std::str::from_utf8(v).ok().and_then(|v| v.trim().parse::<usize>().ok()))
-                {
+                let body_len = match header("content-length").map(|v| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                }) {
                     None => 0,
                     Some(Some(n)) if n <= MAX_BODY => n,
                     Some(Some(_)) => return Ok(Some(Err("body too large for the admin API"))),

@@ -18,7 +18,12 @@ use crate::{admin::auth::TOKEN_FILE, config::DEFAULT_STATE_DIR};
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct CtlArgs {
     /// The agent's admin API.
-    #[arg(long, env = "ROUTER_ADMIN", default_value = "127.0.0.1:9090", global = true)]
+    #[arg(
+        long,
+        env = "ROUTER_ADMIN",
+        default_value = "127.0.0.1:9090",
+        global = true
+    )]
     pub admin: SocketAddr,
     /// The admin token's file [default: `<state-dir>/admin.token`].
     #[arg(long, env = "ROUTER_ADMIN_TOKEN_FILE", global = true)]
@@ -87,7 +92,10 @@ fn execute(args: &CtlArgs) -> Result<String, String> {
             let routes = api.call("GET", "/api/routes", None)?;
             let overrides = api.call("GET", "/api/overrides", None)?;
             if args.json {
-                return Ok(format!("{}\n", json!({"routes": routes["routes"], "overrides": overrides["overrides"]})));
+                return Ok(format!(
+                    "{}\n",
+                    json!({"routes": routes["routes"], "overrides": overrides["overrides"]})
+                ));
             }
             out = status_text(&routes, &overrides);
         }
@@ -105,7 +113,9 @@ fn execute(args: &CtlArgs) -> Result<String, String> {
         CtlCommand::Weight { container, weight } => {
             let body = match weight.as_str() {
                 "label" => json!({ "weight": null }),
-                n => json!({ "weight": n.parse::<u32>().map_err(|_| format!("weight {n:?}: give 0 to 100, or `label`"))? }),
+                n => {
+                    json!({ "weight": n.parse::<u32>().map_err(|_| format!("weight {n:?}: give 0 to 100, or `label`"))? })
+                }
             };
             let v = api.call(
                 "PUT",
@@ -158,7 +168,11 @@ fn execute(args: &CtlArgs) -> Result<String, String> {
 
 fn names_of(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -265,7 +279,9 @@ fn changed_line(v: &Value, json: bool) -> String {
         "{}: state {}, weight {}; overrides: {overrides}\n",
         v["container"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?"),
-        v["weight"].as_u64().map_or_else(|| "-".into(), |w| w.to_string()),
+        v["weight"]
+            .as_u64()
+            .map_or_else(|| "-".into(), |w| w.to_string()),
     )
 }
 
@@ -312,7 +328,10 @@ fn status_text(routes: &Value, overrides: &Value) -> String {
             );
         }
     }
-    let overrides = overrides["overrides"].as_array().cloned().unwrap_or_default();
+    let overrides = overrides["overrides"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if !overrides.is_empty() {
         out += "\noverrides (kept by container name):\n";
         for o in &overrides {

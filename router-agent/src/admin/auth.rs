@@ -206,7 +206,10 @@ mod tests {
         assert_eq!(first, second);
         assert_eq!(first.len(), 64);
         let mode = std::fs::metadata(dir.join(TOKEN_FILE)).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

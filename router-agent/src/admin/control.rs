@@ -179,10 +179,7 @@ async fn unknown_why(container: &str, state: &AdminState) -> String {
         .as_deref()
         .unwrap_or(container)
         .trim_start_matches('/');
-    let labels = details
-        .config
-        .and_then(|c| c.labels)
-        .unwrap_or_default();
+    let labels = details.config.and_then(|c| c.labels).unwrap_or_default();
     let running = details
         .state
         .as_ref()

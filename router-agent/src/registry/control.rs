@@ -20,14 +20,21 @@ use crate::{
 /// An operator's request. Containers are named by name, full id or id prefix.
 #[derive(Debug)]
 pub enum Control {
-    Change { container: String, change: Change },
+    Change {
+        container: String,
+        change: Change,
+    },
     /// Removes the overrides of these names (running or not).
-    Clear { names: Vec<String> },
+    Clear {
+        names: Vec<String>,
+    },
     /// Removes the overrides whose container is not running here.
     ClearStale,
     /// Every override, with whether its container runs here.
     List,
-    Why { container: String },
+    Why {
+        container: String,
+    },
 }
 
 /// The answer: a JSON body, or an HTTP status with a message saying what to do.

@@ -14,8 +14,8 @@ use crate::{
     discovery::{ContainerInfo, NetworkAddress},
     health::{BackendHealth, BackendState, DockerHealth, ProbeTracker, ProbeVerdict},
     labels::{ContainerSpec, LabelError, ProbeSpec, RouteSpec},
-    registry::overrides::Override,
     probe::TaskGuard,
+    registry::overrides::Override,
     table::BackendStats,
 };
 

@@ -31,12 +31,12 @@ use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, warn};
 
-use self::{entry::Entry, remote::RemoteNodes};
 pub use self::{
     control::{Control, ControlError, ControlMessage, ControlReply},
     entry::{ContainerView, HistoryItem},
     remote::PeerEvent,
 };
+use self::{entry::Entry, remote::RemoteNodes};
 use self::{events::EventLog, overrides::Overrides};
 use crate::{
     cidr::Cidr,
@@ -324,7 +324,9 @@ impl Registry {
     fn send_local_changes(&mut self) {
         for id in std::mem::take(&mut self.dirty) {
             let change = match self.containers.get(&id) {
-                Some(entry) => LocalChange::Upsert(entry.shared(self.overrides.get(&entry.info.name))),
+                Some(entry) => {
+                    LocalChange::Upsert(entry.shared(self.overrides.get(&entry.info.name)))
+                }
                 None => LocalChange::Remove(id),
             };
             // No subscriber is fine: single-host mode, or no peer connected yet.
@@ -496,7 +498,10 @@ impl Registry {
             &entry.info.name,
             match &entry.spec {
                 Ok(_) => "discovered".into(),
-                Err(errors) => format!("discovered with {} label error(s): not routed", errors.len()),
+                Err(errors) => format!(
+                    "discovered with {} label error(s): not routed",
+                    errors.len()
+                ),
             },
         );
         match &entry.spec {

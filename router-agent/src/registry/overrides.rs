@@ -136,7 +136,8 @@ impl Overrides {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => {
-                return Err(e).with_context(|| format!("reading the overrides in {}", path.display()));
+                return Err(e)
+                    .with_context(|| format!("reading the overrides in {}", path.display()));
             }
         };
         Ok(Self {
@@ -204,16 +205,17 @@ impl Overrides {
             file.sync_all()?;
             std::fs::rename(&tmp, path)
         };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            e
-        })
-        .with_context(|| {
-            format!(
-                "saving the overrides to {}; is --state-dir writable?",
-                path.display()
-            )
-        })
+        write()
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                e
+            })
+            .with_context(|| {
+                format!(
+                    "saving the overrides to {}; is --state-dir writable?",
+                    path.display()
+                )
+            })
     }
 }
 
@@ -272,12 +274,19 @@ mod tests {
         assert_eq!(again.get("web-blue").and_then(|o| o.weight), Some(10));
         // Undrained with nothing else set: no override left at all.
         assert!(again.get("web-green").is_none());
-        assert!(!std::fs::read_dir(&dir).unwrap().any(|e| {
-            e.unwrap().file_name().to_string_lossy().contains(".tmp")
-        }));
+        assert!(
+            !std::fs::read_dir(&dir)
+                .unwrap()
+                .any(|e| { e.unwrap().file_name().to_string_lossy().contains(".tmp") })
+        );
         let mut again = again;
         assert_eq!(again.clear(&["web-blue".into()]).unwrap(), vec!["web-blue"]);
-        assert!(Overrides::load(Some(&dir)).unwrap().get("web-blue").is_none());
+        assert!(
+            Overrides::load(Some(&dir))
+                .unwrap()
+                .get("web-blue")
+                .is_none()
+        );
         std::fs::write(dir.join(STATE_FILE), "{not json").unwrap();
         let err = Overrides::load(Some(&dir)).unwrap_err();
         assert!(format!("{err:#}").contains("fix or remove"), "{err:#}");
