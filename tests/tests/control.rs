@@ -141,7 +141,9 @@ fn control_writes_need_the_token() {
             "POST /api/containers/nothing-here/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                 .to_owned();
         if let Some(auth) = auth {
-            request += &format!("Authorization: {auth}\r\n");
+            request.push_str("Authorization: ");
+            request.push_str(auth);
+            request.push_str("\r\n");
         }
         request += "\r\n";
         client::exchange(agent.admin, request.as_bytes()).expect("admin answers")

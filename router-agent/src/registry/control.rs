@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     discovery::short,
-    health::{BackendState, ProbeVerdict},
+    health::{BackendState, ProbeTracker, ProbeVerdict},
     table::is_internal_domain,
 };
 
@@ -289,7 +289,7 @@ impl Registry {
         {
             notes.push(format!("last health check: {p}"));
         }
-        if entry.health.probe.as_ref().map(|p| p.verdict()) == Some(ProbeVerdict::Passing) {
+        if entry.health.probe.as_ref().map(ProbeTracker::verdict) == Some(ProbeVerdict::Passing) {
             notes.push("its probe passes".into());
         }
         for route in view.routes.iter().filter(|r| r.listen_port.is_none()) {

@@ -206,9 +206,8 @@ impl Overrides {
             std::fs::rename(&tmp, path)
         };
         write()
-            .map_err(|e| {
+            .inspect_err(|_| {
                 let _ = std::fs::remove_file(&tmp);
-                e
             })
             .with_context(|| {
                 format!(
