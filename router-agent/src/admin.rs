@@ -297,6 +297,10 @@ struct BackendJson<'a> {
     weight: u32,
     state: BackendState,
     active_connections: u64,
+    /// What an operator set on this (local) container, if anything; `weight` and `state`
+    /// above already include it.
+    #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
+    operator_override: Option<crate::registry::overrides::Override>,
     /// Kept-alive connections waiting in the pool for the next request.
     idle_connections: usize,
     requests: u64,
@@ -348,6 +352,7 @@ fn routes_json(state: &AdminState) -> String {
 
 fn route_json<'a>(route: &'a Route, state: &AdminState) -> RouteJson<'a> {
     let pool: &Pool = &state.proxy.pool;
+    let overrides = state.published().overrides.load();
     RouteJson {
         domain: &route.domain,
         path: if route.listen_port.is_some() {
@@ -379,6 +384,12 @@ fn route_json<'a>(route: &'a Route, state: &AdminState) -> RouteJson<'a> {
                 weight: b.weight,
                 state: b.state,
                 active_connections: b.stats.active_connections.load(Ordering::Relaxed),
+                // Overrides are set on the container's own node; others get their effect.
+                operator_override: b
+                    .via
+                    .is_none()
+                    .then(|| overrides.get(&*b.container_name).cloned())
+                    .flatten(),
                 idle_connections: pool.idle_for(b),
                 requests: b.stats.requests.load(Ordering::Relaxed),
             })

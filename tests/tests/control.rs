@@ -60,9 +60,9 @@ fn control_drain_weight_and_maintenance_through_ctl() {
     let out = agent.ctl_ok(&["drain", &a.name]);
     assert!(out.contains("state drained"), "{out}");
     wait_state(&agent, &domain, &a, "drained");
-    let before = backend_json(&agent, &domain, &a)["requests"]
-        .as_u64()
-        .unwrap();
+    let drained = backend_json(&agent, &domain, &a);
+    assert_eq!(drained["override"]["drained"], true, "{drained}");
+    let before = drained["requests"].as_u64().unwrap();
     let counts = split(&agent, &domain, 30);
     assert_eq!(
         counts,

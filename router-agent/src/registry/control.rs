@@ -79,6 +79,11 @@ impl Registry {
             Control::Why { container } => (self.why(&container), false),
         };
         let _ = message.reply.send(reply);
+        if changed {
+            self.published
+                .overrides
+                .store(std::sync::Arc::new(self.overrides.snapshot()));
+        }
         changed
     }
 
@@ -208,7 +213,11 @@ impl Registry {
     /// Why a container is or is not routed: `reasons` are what keeps it from new requests
     /// (empty when routed), `notes` what else matters to who asks.
     fn why(&self, container: &str) -> ControlReply {
-        let entry = self.resolve(container)?;
+        let entry = match self.resolve(container) {
+            Ok(entry) => entry,
+            Err(e) if e.status == 409 => return self.why_remote(container).ok_or(e),
+            Err(e) => return Err(e),
+        };
         let over = self.overrides.get(&entry.info.name);
         let view = entry.view(over);
         let mut reasons = Vec::new();
@@ -313,6 +322,34 @@ impl Registry {
             "routes": view.routes,
             "address": entry.info.address,
             "history": view.history,
+        }))
+    }
+
+    /// `why` for another node's container: what its agent shared (that agent knows more).
+    fn why_remote(&self, container: &str) -> Option<Value> {
+        let (node_id, node, entry) = self.remote.nodes.iter().find_map(|(node_id, node)| {
+            node.containers
+                .values()
+                .find(|e| e.shared.name == container || e.shared.id.starts_with(container))
+                .map(|e| (node_id, node, e))
+        })?;
+        let view =
+            super::ContainerView::remote(node_id, &entry.shared, &entry.spec, node.reachable);
+        let mut reasons: Vec<String> = view.not_routed_because.iter().cloned().collect();
+        reasons.extend(view.errors.iter().map(|e| format!("bad label: {e}")));
+        Some(json!({
+            "container": view.name,
+            "id": view.id,
+            "node": node_id,
+            "routed": reasons.is_empty(),
+            "state": view.state,
+            "weight": view.weight,
+            "reasons": reasons,
+            "notes": [format!(
+                "it runs on node {node_id}: its agent there probes it and holds its overrides \
+                 (`router-agent ctl why` against that agent says more)"
+            )],
+            "routes": view.routes,
         }))
     }
 }

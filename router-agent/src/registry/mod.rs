@@ -125,6 +125,8 @@ pub struct Published {
     pub ready: tokio::sync::watch::Sender<bool>,
     /// Recent container events, for the dashboard.
     pub events: EventLog,
+    /// Operators' overrides by container name, for `/api/routes`.
+    pub overrides: ArcSwap<std::collections::BTreeMap<String, overrides::Override>>,
 }
 
 impl Published {
@@ -138,6 +140,7 @@ impl Published {
             engine_connected: AtomicBool::new(false),
             ready: tokio::sync::watch::Sender::new(false),
             events: EventLog::default(),
+            overrides: ArcSwap::default(),
         }
     }
 
@@ -206,6 +209,7 @@ impl Registry {
             Vec::new()
         };
         let overrides = std::mem::take(&mut settings.overrides);
+        published.overrides.store(Arc::new(overrides.snapshot()));
         Self {
             overrides,
             host_cidrs,

@@ -150,6 +150,11 @@ impl Overrides {
         self.by_name.get(name)
     }
 
+    /// A copy for readers outside the registry.
+    pub fn snapshot(&self) -> BTreeMap<String, Override> {
+        self.by_name.clone()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Override)> {
         self.by_name.iter()
     }
