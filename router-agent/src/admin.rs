@@ -1,5 +1,9 @@
 //! The admin API: `/api/routes`, `/api/containers`, `/healthz`, `/metrics` (JSON and
-//! Prometheus text, one request per connection).
+//! Prometheus text, one request per connection); the operators' writes and `why` (`control`),
+//! the token they need (`auth`), and the dashboard at `/`.
+pub mod auth;
+mod control;
+
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -32,6 +36,47 @@ pub struct AdminState {
     pub socket_lb: Option<Arc<SocketLb>>,
     /// The certificates of `--listen-tls`, when the agent terminates TLS.
     pub tls: Option<Arc<CertStore>>,
+    pub token: auth::AdminToken,
+    /// Whether the admin API listens on loopback only (reads then need no token).
+    pub loopback_only: bool,
+    /// The Docker engine, for `why` about containers the registry does not know.
+    pub docker: crate::discovery::DockerHandle,
+}
+
+/// The dashboard: one self-contained page that polls the JSON API.
+const DASHBOARD_HTML: &str = include_str!("admin/dashboard.html");
+
+/// Largest request body the admin API reads (a weight, a flag).
+const MAX_BODY: usize = 4096;
+
+/// One parsed admin request.
+struct AdminRequest {
+    method: String,
+    path: String,
+    query: String,
+    authorization: Option<Vec<u8>>,
+    body: Vec<u8>,
+}
+
+/// What the admin API answers.
+pub(crate) struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Reply {
+    fn json(status: u16, body: String) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Self {
+        Self::json(status, json!({ "error": message }).to_string())
+    }
 }
 
 impl AdminState {
@@ -63,69 +108,173 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 }
 
 async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
+    let reply = match read_request(&mut stream).await? {
+        None => return Ok(()),
+        Some(Err(message)) => Reply::error(400, message),
+        Some(Ok(request)) => {
+            let write = request.method != "GET";
+            match state
+                .token
+                .check(state.loopback_only, write, request.authorization.as_deref())
+            {
+                Ok(()) => dispatch(&request, state).await,
+                Err(message) => Reply::error(401, &message),
+            }
+        }
+    };
+    let extra = if reply.status == 401 {
+        "WWW-Authenticate: Bearer realm=\"router-agent\"\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n",
+        reply.status,
+        reason(reply.status),
+        reply.content_type,
+        reply.body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(reply.body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        401 => "Unauthorized",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        status => crate::http::status_reason(status),
+    }
+}
+
+/// Reads one request (head and a small body). `None`: the client left without one.
+async fn read_request(
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<Result<AdminRequest, &'static str>>> {
+    let mut buf = vec![0u8; 8192 + MAX_BODY];
     let mut len = 0;
-    let path = loop {
+    loop {
         let n =
             tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await??;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         len += n;
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf[..len]) {
-            Ok(httparse::Status::Complete(_)) => {
-                let method = request.method.unwrap_or_default();
-                let path = request.path.unwrap_or_default();
-                break (method == "GET")
-                    .then(|| path.split('?').next().unwrap_or_default().to_owned());
+            Ok(httparse::Status::Complete(head_len)) => {
+                let header = |name: &str| {
+                    request
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| h.value)
+                };
+                let body_len = match header("content-length").map(|v| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                }) {
+                    None => 0,
+                    Some(Some(n)) if n <= MAX_BODY => n,
+                    Some(Some(_)) => return Ok(Some(Err("body too large for the admin API"))),
+                    Some(None) => return Ok(Some(Err("invalid Content-Length"))),
+                };
+                if header("transfer-encoding").is_some() {
+                    return Ok(Some(Err("send the body with Content-Length")));
+                }
+                if len < head_len + body_len {
+                    continue;
+                }
+                let (path, query) = request
+                    .path
+                    .unwrap_or_default()
+                    .split_once('?')
+                    .unwrap_or((request.path.unwrap_or_default(), ""));
+                return Ok(Some(Ok(AdminRequest {
+                    method: request.method.unwrap_or_default().to_owned(),
+                    path: path.to_owned(),
+                    query: query.to_owned(),
+                    authorization: header("authorization").map(<[u8]>::to_vec),
+                    body: buf[head_len..head_len + body_len].to_vec(),
+                })));
             }
             Ok(httparse::Status::Partial) if len < buf.len() => {}
-            _ => break None,
+            _ => return Ok(Some(Err("malformed request"))),
         }
-    };
-    let (status, content_type, body) = match path.as_deref() {
-        Some("/api/routes") => (200, "application/json", routes_json(state)),
-        Some("/api/containers") => match containers_json(state).await {
-            Some(json) => (200, "application/json", json),
-            None => (
-                503,
-                "application/json",
-                json!({"error": "the registry did not answer; the agent is stopping"}).to_string(),
-            ),
+    }
+}
+
+async fn dispatch(request: &AdminRequest, state: &AdminState) -> Reply {
+    let path = request.path.as_str();
+    if path.starts_with("/api/containers/") || path.starts_with("/api/overrides") {
+        return control::handle(request, state).await;
+    }
+    if request.method != "GET" {
+        return Reply::error(
+            405,
+            "only GET here; changes go to /api/containers/<name>/drain|undrain|weight|maintenance \
+             and /api/overrides",
+        );
+    }
+    match path {
+        "/" | "/dashboard" => Reply {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            body: DASHBOARD_HTML.to_owned(),
         },
-        Some("/healthz") => healthz(state),
-        Some("/api/cluster") => (200, "application/json", cluster_json(state)),
-        Some("/metrics") => (
-            200,
-            "text/plain; version=0.0.4",
-            state.proxy.metrics.render()
+        "/api/routes" => Reply::json(200, routes_json(state)),
+        "/api/events" => {
+            let since = query_param(&request.query, "since")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Reply::json(
+                200,
+                json!({ "events": state.published().events.since(since) }).to_string(),
+            )
+        }
+        "/api/containers" => match containers_json(state).await {
+            Some(json) => Reply::json(200, json),
+            None => Reply::error(503, "the registry did not answer; the agent is stopping"),
+        },
+        "/healthz" => {
+            let (status, content_type, body) = healthz(state);
+            Reply {
+                status,
+                content_type,
+                body,
+            }
+        }
+        "/api/cluster" => Reply::json(200, cluster_json(state)),
+        "/metrics" => Reply {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: state.proxy.metrics.render()
                 + &state.proxy.render_state_metrics()
                 + &state.socket_lb.as_ref().map_or_else(String::new, |lb| {
                     lb.render_metrics(&state.published().table.load())
                 }),
-        ),
-        Some(_) => (
+        },
+        _ => Reply::error(
             404,
-            "application/json",
-            json!({"error": "not found; try /api/routes, /api/containers, /api/cluster, /healthz, /metrics"})
-                .to_string(),
+            "not found; try /, /api/routes, /api/containers, /api/containers/<name>/why, \
+             /api/overrides, /api/events, /api/cluster, /healthz, /metrics",
         ),
-        None => (
-            400,
-            "application/json",
-            json!({"error": "send GET requests"}).to_string(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        crate::http::status_reason(status),
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    }
+}
+
+/// The value of `name` in a query string (no percent-decoding: the values here are plain).
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|pair| match pair.split_once('=') {
+            Some((k, v)) if k == name => Some(v),
+            None if pair == name => Some(""),
+            _ => None,
+        })
 }
 
 #[derive(Serialize)]
@@ -156,6 +305,10 @@ struct BackendJson<'a> {
     weight: u32,
     state: BackendState,
     active_connections: u64,
+    /// What an operator set on this (local) container, if anything; `weight` and `state`
+    /// above already include it.
+    #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
+    operator_override: Option<crate::registry::overrides::Override>,
     /// Kept-alive connections waiting in the pool for the next request.
     idle_connections: usize,
     requests: u64,
@@ -207,6 +360,7 @@ fn routes_json(state: &AdminState) -> String {
 
 fn route_json<'a>(route: &'a Route, state: &AdminState) -> RouteJson<'a> {
     let pool: &Pool = &state.proxy.pool;
+    let overrides = state.published().overrides.load();
     RouteJson {
         domain: &route.domain,
         path: if route.listen_port.is_some() {
@@ -244,6 +398,12 @@ fn route_json<'a>(route: &'a Route, state: &AdminState) -> RouteJson<'a> {
                 weight: b.weight,
                 state: b.state,
                 active_connections: b.stats.active_connections.load(Ordering::Relaxed),
+                // Overrides are set on the container's own node; others get their effect.
+                operator_override: b
+                    .via
+                    .is_none()
+                    .then(|| overrides.get(&*b.container_name).cloned())
+                    .flatten(),
                 idle_connections: pool.idle_for(b),
                 requests: b.stats.requests.load(Ordering::Relaxed),
             })

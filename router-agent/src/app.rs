@@ -21,7 +21,7 @@ use crate::{
     metrics::Metrics,
     privilege,
     proxy::{self, Phase, ProxyContext},
-    registry::{Message, Published, Registry, RegistrySettings},
+    registry::{Message, Published, Registry, RegistrySettings, overrides::Overrides},
     socket_lb::{self, SocketLb},
     tls,
 };
@@ -57,6 +57,7 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
 
 pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
     let Prepared { offload, socket_lb } = prepared;
+    let (overrides, admin_token) = load_state(&config)?;
     let published = Arc::new(Published::new(config.internal_cidrs.as_deref()));
     let metrics = Arc::new(Metrics::default());
 
@@ -68,6 +69,7 @@ pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
                 default_domain: config.default_domain.clone(),
                 auto_cidrs: config.internal_cidrs.is_none(),
                 backend_max_connections: config.proxy.backend_max_connections,
+                overrides,
             },
             docker.clone(),
             registry_tx.clone(),
@@ -135,6 +137,9 @@ pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
         proxy: ctx.clone(),
         socket_lb: socket_lb.clone(),
         tls: tls.clone(),
+        token: admin_token,
+        loopback_only: config.admin.ip().is_loopback(),
+        docker: docker.clone(),
     };
     tokio::spawn(admin::serve(proxy::bind(config.admin)?, Arc::new(admin)));
 
@@ -201,6 +206,36 @@ pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
     }
     drop(offload);
     Ok(())
+}
+
+/// The state directory's parts: operators' overrides (a corrupt file stops the start: serving
+/// without the drains an operator set would send traffic where they said not to) and the admin
+/// token. A state directory that cannot be created leaves overrides in memory only.
+fn load_state(config: &Config) -> anyhow::Result<(Overrides, admin::auth::AdminToken)> {
+    let dir = &config.state_dir;
+    let usable = std::fs::create_dir_all(dir).is_ok() && is_writable(dir);
+    let overrides = if usable {
+        let overrides = Overrides::load(Some(dir))?;
+        info!(state_dir = %dir.display(), overrides = overrides.iter().count(), "operator overrides loaded");
+        overrides
+    } else {
+        warn!(
+            "state directory {} is not writable: operator overrides (`router-agent ctl`) will \
+             not survive a restart; give --state-dir a writable directory",
+            dir.display()
+        );
+        Overrides::load(None)?
+    };
+    let token =
+        admin::auth::AdminToken::load(config.admin, config.admin_token_file.as_deref(), dir)?;
+    Ok((overrides, token))
+}
+
+fn is_writable(dir: &std::path::Path) -> bool {
+    let probe = dir.join(format!(".write-test.{}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
 }
 
 /// Waits for the registry's first sync and first checks, at most [`READY_TIMEOUT`]: serving

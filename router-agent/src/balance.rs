@@ -71,9 +71,13 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 /// Whether a `CONTAINERID` cookie may pin a request to a backend in this state: sessions follow
-/// their container while it is up, and also while it drains, so they can finish.
+/// their container while it is up, and also while it drains (Docker stopping it, or an
+/// operator's drain), so they can finish.
 pub fn sticky_target_allowed(state: BackendState) -> bool {
-    matches!(state, BackendState::Up | BackendState::Draining)
+    matches!(
+        state,
+        BackendState::Up | BackendState::Draining | BackendState::Drained
+    )
 }
 
 #[cfg(test)]
@@ -135,6 +139,8 @@ mod tests {
     fn sticky_states() {
         assert!(sticky_target_allowed(BackendState::Up));
         assert!(sticky_target_allowed(BackendState::Draining));
+        assert!(sticky_target_allowed(BackendState::Drained));
+        assert!(!sticky_target_allowed(BackendState::Maintenance));
         assert!(!sticky_target_allowed(BackendState::Down));
         assert!(!sticky_target_allowed(BackendState::Starting));
     }

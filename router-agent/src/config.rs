@@ -72,13 +72,18 @@ impl Default for SocketLbSettings {
 }
 
 /// Commands besides serving.
-#[derive(clap::Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Detach the socket-level balancing programs and remove everything pinned under the pin
     /// path (`--pin-path`), then exit. Stop the agent first: a running agent would keep its
     /// maps open (but no longer balance connects).
     Uninstall,
+    /// Control a running agent through its admin API: drain, weight, maintenance, why.
+    Ctl(crate::ctl::CtlArgs),
 }
+
+/// Default `--state-dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/router-agent";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -153,6 +158,14 @@ pub struct Cli {
     /// [default: /sys/fs/bpf/router-agent].
     #[arg(long, env = "ROUTER_PIN_PATH", global = true)]
     pub pin_path: Option<PathBuf>,
+    /// Directory for state that survives restarts: operators' overrides (`overrides.json`)
+    /// and the generated admin token (`admin.token`) [default: /var/lib/router-agent].
+    #[arg(long, env = "ROUTER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// File holding the admin API token (`Authorization: Bearer <token>`) [default: generated
+    /// at start into `<state-dir>/admin.token`, mode 0600, when that file does not exist].
+    #[arg(long, env = "ROUTER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -176,6 +189,8 @@ struct FileConfig {
     socket_lb: Option<SocketLbMode>,
     cgroup_path: Option<PathBuf>,
     pin_path: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
     connect_timeout_ms: Option<u64>,
     header_timeout_ms: Option<u64>,
     response_timeout_ms: Option<u64>,
@@ -283,6 +298,10 @@ pub struct Config {
     /// After SIGTERM, how long to keep accepting while no successor listens on our ports.
     pub handover_timeout: Duration,
     pub socket_lb: SocketLbSettings,
+    /// Where overrides and the generated admin token are kept.
+    pub state_dir: PathBuf,
+    /// The admin token's file, when given (else `<state_dir>/admin.token`, generated).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -375,6 +394,11 @@ impl Config {
                     .or(file.pin_path)
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_PATH)),
             },
+            state_dir: cli
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            admin_token_file: cli.admin_token_file.or(file.admin_token_file),
         };
         config.validate()?;
         Ok(config)
@@ -434,6 +458,12 @@ impl Config {
                 dir.display()
             ),
             _ => {}
+        }
+        if !self.state_dir.is_absolute() {
+            bail!(
+                "state_dir {}: use an absolute path, such as {DEFAULT_STATE_DIR}",
+                self.state_dir.display()
+            );
         }
         if self.proxy.error_limit == 0 {
             bail!("error_limit must be at least 1 (consecutive failed exchanges)");

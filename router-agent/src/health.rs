@@ -16,6 +16,11 @@ pub enum BackendState {
     Down,
     /// Docker is stopping it: no new requests, in-flight ones finish.
     Draining,
+    /// An operator drained it (`router-agent ctl drain`): no new requests, in-flight ones and
+    /// sticky sessions finish. Not a health verdict; the probes go on.
+    Drained,
+    /// An operator put it in maintenance: out of rotation whatever its probes say.
+    Maintenance,
 }
 
 /// Docker's HEALTHCHECK status, when the image or run defines one.

@@ -6,6 +6,7 @@ pub mod balance;
 pub mod cidr;
 pub mod cluster;
 pub mod config;
+pub mod ctl;
 pub mod discovery;
 pub mod ebpf;
 pub mod fast_hash;

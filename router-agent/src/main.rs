@@ -9,7 +9,11 @@ fn main() -> ExitCode {
     // Before the configuration: the default connection limit follows the descriptor limit.
     router_agent::config::raise_open_files_limit();
     let cli = Cli::parse();
-    let command = cli.command;
+    // `ctl` talks to a running agent: it needs none of the serving configuration.
+    if let Some(Command::Ctl(args)) = &cli.command {
+        return router_agent::ctl::run(args);
+    }
+    let command = cli.command.clone();
     let config = match Config::load(cli) {
         Ok(config) => config,
         Err(e) => {

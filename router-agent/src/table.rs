@@ -227,11 +227,17 @@ impl RoutingTable {
     }
 
     /// Whether the container is still in the table in a state that finishes what it has
-    /// (`up` or `draining`).
+    /// (`up`, `draining`, or taken out by an operator: drained, maintenance).
     pub fn still_routed(&self, id: &str) -> bool {
-        self.states
-            .get(id)
-            .is_some_and(|s| matches!(s, BackendState::Up | BackendState::Draining))
+        self.states.get(id).is_some_and(|s| {
+            matches!(
+                s,
+                BackendState::Up
+                    | BackendState::Draining
+                    | BackendState::Drained
+                    | BackendState::Maintenance
+            )
+        })
     }
 
     /// Where this node's container `id` serves `port`, if that is one of its routed ports.

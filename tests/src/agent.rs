@@ -31,6 +31,8 @@ pub struct Agent {
     pub pin_path: PathBuf,
     /// Whether dropping it uninstalls what is pinned there (not once a successor took over).
     owns_pins: bool,
+    /// Its `--state-dir` (overrides, admin token): one of its own unless the test gave one.
+    pub state_dir: PathBuf,
 }
 
 /// The cgroup (under the cgroup2 mount) the tests' agents attach socket-level balancing to;
@@ -180,6 +182,20 @@ impl Agent {
         let log_path = log_dir.join(format!("{}.log", unique("agent")));
         let log = File::create(&log_path).expect("log file");
         let binary = agent_binary();
+        // A state directory of its own (overrides, admin token), so that agents of parallel
+        // tests never share overrides; a test's own `--state-dir` wins over the variable.
+        let state_dir = extra_args
+            .iter()
+            .position(|a| *a == "--state-dir")
+            .and_then(|i| extra_args.get(i + 1))
+            .map_or_else(
+                || {
+                    workspace_root()
+                        .join("target/test-state")
+                        .join(unique("agent"))
+                },
+                PathBuf::from,
+            );
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -199,6 +215,7 @@ impl Agent {
             .env("RUST_LOG", "info,router_agent=debug")
             .env("ROUTER_CGROUP_PATH", test_cgroup_path())
             .env("ROUTER_PIN_PATH", &pin_path)
+            .env("ROUTER_STATE_DIR", &state_dir)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -220,6 +237,7 @@ impl Agent {
             log_path,
             pin_path,
             owns_pins: true,
+            state_dir,
         };
         wait_for(
             "the agent to connect to the Docker engine",
@@ -326,6 +344,32 @@ impl Agent {
         wait_for("no open client connection", Duration::from_secs(10), || {
             self.metric("router_connections_active") == Some(0)
         });
+    }
+
+    /// Runs `router-agent ctl <args>` against this agent (its admin address and token);
+    /// returns (success, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(agent_binary())
+            .arg("ctl")
+            .args(args)
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()
+            .expect("router-agent ctl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Like [`Agent::ctl`], panicking with the output unless it succeeds; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.ctl(args);
+        assert!(ok, "router-agent ctl {args:?} failed:\n{stdout}{stderr}");
+        stdout
     }
 
     pub fn log(&self) -> String {

@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     // `cargo xtask profile`: callgrind's instruction counts.
     "valgrind",
+    // The dashboard test renders the admin page in a real headless browser.
+    "chromium",
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ use crate::{
     discovery::{ContainerInfo, NetworkAddress},
     health::{BackendHealth, BackendState, DockerHealth, ProbeTracker, ProbeVerdict},
     labels::{ContainerSpec, LabelError, ProbeSpec, RouteSpec},
+    registry::overrides::Override,
     table::BackendStats,
 };
 
@@ -33,7 +34,11 @@ pub struct ContainerView {
     pub not_routed_because: Option<String>,
     pub routes: Vec<RouteSpec>,
     pub sticky: Option<bool>,
+    /// The weight in force: the operator's override, else the label's.
     pub weight: Option<u32>,
+    /// What an operator set (`router-agent ctl`), if anything.
+    #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
+    pub operator_override: Option<Override>,
     pub probe: Option<ProbeSpec>,
     pub probe_verdict: Option<ProbeVerdict>,
     pub docker_health: Option<DockerHealth>,
@@ -48,6 +53,9 @@ pub struct HistoryItem {
 }
 
 const HISTORY_LEN: usize = 32;
+
+/// The label a weight override replaces in what other nodes are told.
+const WEIGHT_LABEL: &str = "aliyun.routing.weight";
 
 pub struct Entry {
     pub info: ContainerInfo,
@@ -78,19 +86,31 @@ impl Entry {
         self.spec.as_ref().ok().and_then(|s| s.probe.as_ref())
     }
 
-    /// What the other nodes' agents are told about it.
-    pub fn shared(&self) -> SharedContainer {
+    /// The state routing uses: the health state, unless an operator override says otherwise.
+    pub fn state(&self, operator: Option<&Override>) -> BackendState {
+        let health = self.health.state();
+        operator.map_or(health, |o| o.state(health))
+    }
+
+    /// What the other nodes' agents are told about it. The operator's override travels with
+    /// it: the state carries drain and maintenance, and a weight override replaces the weight
+    /// label (the other agents parse the labels themselves), so the wire format stays as it is.
+    pub fn shared(&self, operator: Option<&Override>) -> SharedContainer {
+        let mut labels = router_labels(&self.info.labels);
+        if let Some(weight) = operator.and_then(|o| o.weight) {
+            labels.insert(WEIGHT_LABEL.into(), weight.to_string());
+        }
         SharedContainer {
             id: self.info.id.clone(),
             name: self.info.name.clone(),
-            labels: router_labels(&self.info.labels),
-            state: self.health.state(),
+            labels,
+            state: self.state(operator),
             address: self.info.address,
         }
     }
 
-    pub fn view(&self) -> ContainerView {
-        let state = self.health.state();
+    pub fn view(&self, operator: Option<&Override>) -> ContainerView {
+        let state = self.state(operator);
         let spec = self.spec.as_ref().ok();
         ContainerView {
             id: self.info.id.clone(),
@@ -99,11 +119,17 @@ impl Entry {
             address: self.info.address,
             networks: self.info.networks.clone(),
             state,
-            not_routed_because: not_routed_because(&self.spec, self.info.address, state),
+            not_routed_because: not_routed_because(
+                &self.spec,
+                self.info.address,
+                state,
+                operator.and_then(|o| o.weight),
+            ),
             routed: false,
             routes: spec.map(|s| s.routes.clone()).unwrap_or_default(),
             sticky: spec.map(|s| s.sticky),
-            weight: spec.map(|s| s.weight),
+            weight: spec.map(|s| operator.map_or(s.weight, |o| o.weight(s.weight))),
+            operator_override: operator.cloned(),
             probe: spec.and_then(|s| s.probe.clone()),
             probe_verdict: self.health.probe.as_ref().map(ProbeTracker::verdict),
             docker_health: self.health.docker,
@@ -133,7 +159,8 @@ impl ContainerView {
             BackendState::Down
         };
         let ok = spec.as_ref().ok();
-        let mut because = not_routed_because(spec, shared.address, state);
+        // The owner's weight override arrives as the weight label.
+        let mut because = not_routed_because(spec, shared.address, state, None);
         if !reachable {
             because = Some(format!("its node's agent ({node}) cannot be reached"));
         }
@@ -149,6 +176,7 @@ impl ContainerView {
             routes: ok.map(|s| s.routes.clone()).unwrap_or_default(),
             sticky: ok.map(|s| s.sticky),
             weight: ok.map(|s| s.weight),
+            operator_override: None,
             probe: ok.and_then(|s| s.probe.clone()),
             probe_verdict: None,
             docker_health: None,
@@ -159,10 +187,12 @@ impl ContainerView {
     }
 }
 
+/// `weight`: an operator's weight override, if any.
 fn not_routed_because(
     spec: &Result<ContainerSpec, Vec<LabelError>>,
     address: Option<IpAddr>,
     state: BackendState,
+    weight: Option<u32>,
 ) -> Option<String> {
     let reason = match (spec, address, state) {
         (Err(_), _, _) => "label errors (see errors)",
@@ -170,7 +200,11 @@ fn not_routed_because(
         (_, _, BackendState::Starting) => "starting: the health check has not passed yet",
         (_, _, BackendState::Down) => "down: failing its health check",
         (_, _, BackendState::Draining) => "draining: Docker is stopping it",
-        (Ok(spec), _, BackendState::Up) if spec.weight == 0 => "weight 0: no new sessions",
+        (_, _, BackendState::Drained) => "drained by an operator: no new requests",
+        (_, _, BackendState::Maintenance) => "in maintenance (operator): out of rotation",
+        (Ok(spec), _, BackendState::Up) if weight.unwrap_or(spec.weight) == 0 => {
+            "weight 0: no new sessions"
+        }
         _ => return None,
     };
     Some(reason.to_owned())

@@ -10,9 +10,14 @@
 //! [`Registry::run`] carries them out, so the decisions are tested without tasks or Docker.
 //!
 //! `entry` holds one local container, `passive` what proxy failures do, `remote` the other
-//! nodes' containers, `publish` the building of the table, `effect` what the shell does.
+//! nodes' containers, `publish` the building of the table, `effect` what the shell does,
+//! `overrides` and `control` what operators set at runtime, `events` the recent changes the
+//! dashboard shows.
+mod control;
 mod effect;
 mod entry;
+pub mod events;
+pub mod overrides;
 mod passive;
 mod publish;
 mod remote;
@@ -34,9 +39,11 @@ use tracing::{info, warn};
 use self::{effect::Checkers, entry::Entry, remote::RemoteNodes};
 pub use self::{
     effect::Effect,
+    control::{Control, ControlError, ControlMessage, ControlReply},
     entry::{ContainerView, HistoryItem},
     remote::PeerEvent,
 };
+use self::{events::EventLog, overrides::Overrides};
 use crate::{
     cidr::Cidr,
     cluster::wire::SharedContainer,
@@ -89,6 +96,8 @@ pub enum Message {
     Peer(PeerEvent),
     /// The cluster port subscribes to this node's containers.
     SubscribeLocal(oneshot::Sender<LocalFeed>),
+    /// An operator's override or question (admin API, `router-agent ctl`).
+    Control(ControlMessage),
 }
 
 /// This node's containers, for the other nodes' agents: what is there now, and every change
@@ -120,6 +129,10 @@ pub struct Published {
     /// True once the first Docker sync is done and the first checks of the containers found
     /// running have reported: the routing table then says what the agent would route.
     pub ready: tokio::sync::watch::Sender<bool>,
+    /// Recent container events, for the dashboard.
+    pub events: EventLog,
+    /// Operators' overrides by container name, for `/api/routes`.
+    pub overrides: ArcSwap<std::collections::BTreeMap<String, overrides::Override>>,
 }
 
 impl Published {
@@ -132,6 +145,8 @@ impl Published {
             ),
             engine_connected: AtomicBool::new(false),
             ready: tokio::sync::watch::Sender::new(false),
+            events: EventLog::default(),
+            overrides: ArcSwap::default(),
         }
     }
 
@@ -147,6 +162,8 @@ pub struct RegistrySettings {
     pub auto_cidrs: bool,
     /// Requests in flight per backend container, when limited.
     pub backend_max_connections: Option<usize>,
+    /// Operators' overrides, as loaded from the state file.
+    pub overrides: Overrides,
 }
 
 pub struct Registry {
@@ -173,6 +190,8 @@ pub struct Registry {
     local_changes: broadcast::Sender<LocalChange>,
     /// What the current batch asks the shell to do, in order.
     effects: Vec<Effect>,
+    /// Operators' overrides by container name (taken from the settings).
+    overrides: Overrides,
 }
 
 /// The way to readiness: the first sync, then the first result of every check that is due at
@@ -185,7 +204,7 @@ enum Startup {
 
 impl Registry {
     pub fn new(
-        settings: RegistrySettings,
+        mut settings: RegistrySettings,
         docker: DockerHandle,
         sender: mpsc::UnboundedSender<Message>,
         published: Arc<Published>,
@@ -197,7 +216,10 @@ impl Registry {
         } else {
             Vec::new()
         };
+        let overrides = std::mem::take(&mut settings.overrides);
+        published.overrides.store(Arc::new(overrides.snapshot()));
         Self {
+            overrides,
             host_cidrs,
             settings,
             docker,
@@ -301,12 +323,17 @@ impl Registry {
             ),
             Message::SubscribeLocal(reply) => {
                 let _ = reply.send(LocalFeed {
-                    containers: self.containers.values().map(Entry::shared).collect(),
+                    containers: self
+                        .containers
+                        .values()
+                        .map(|e| e.shared(self.overrides.get(&e.info.name)))
+                        .collect(),
                     cidrs: self.local_cidrs.clone(),
                     changes: self.local_changes.subscribe(),
                 });
                 false
             }
+            Message::Control(message) => self.control(message),
         }
     }
 
@@ -324,7 +351,9 @@ impl Registry {
     fn send_local_changes(&mut self) {
         for id in std::mem::take(&mut self.dirty) {
             let change = match self.containers.get(&id) {
-                Some(entry) => LocalChange::Upsert(entry.shared()),
+                Some(entry) => {
+                    LocalChange::Upsert(entry.shared(self.overrides.get(&entry.info.name)))
+                }
                 None => LocalChange::Remove(id),
             };
             // No subscriber is fine: single-host mode, or no peer connected yet.
@@ -361,7 +390,9 @@ impl Registry {
             return false;
         }
         info!(container = %entry.info.name, id = %short(&entry.info.id), "backend {before:?} -> {after:?}");
-        entry.remember(format!("state {before:?} -> {after:?}").to_lowercase());
+        let event = format!("state {before:?} -> {after:?}").to_lowercase();
+        self.published.events.push(&entry.info.name, event.clone());
+        entry.remember(event);
         self.dirty.insert(id.to_owned());
         true
     }
@@ -489,6 +520,16 @@ impl Registry {
             history: VecDeque::new(),
             first_check_due_at_once: false,
         };
+        self.published.events.push(
+            &entry.info.name,
+            match &entry.spec {
+                Ok(_) => "discovered".into(),
+                Err(errors) => format!(
+                    "discovered with {} label error(s): not routed",
+                    errors.len()
+                ),
+            },
+        );
         match &entry.spec {
             Ok(_) => entry.remember("discovered".into()),
             Err(errors) => {
@@ -545,6 +586,9 @@ impl Registry {
         };
         info!(container = %entry.info.name, id = %short(id), "container removed: {why}");
         self.effects.push(Effect::StopChecks { id: id.to_owned() });
+        self.published
+            .events
+            .push(&entry.info.name, format!("removed: {why}"));
         self.dirty.insert(id.to_owned());
         true
     }
@@ -554,7 +598,10 @@ impl Registry {
     fn views(&self) -> Vec<ContainerView> {
         let mut local: Vec<&Entry> = self.containers.values().collect();
         local.sort_by(|a, b| (&a.info.name, &a.info.id).cmp(&(&b.info.name, &b.info.id)));
-        let mut views: Vec<ContainerView> = local.into_iter().map(Entry::view).collect();
+        let mut views: Vec<ContainerView> = local
+            .into_iter()
+            .map(|e| e.view(self.overrides.get(&e.info.name)))
+            .collect();
         let mut remote: Vec<ContainerView> = self
             .remote
             .nodes

@@ -30,6 +30,8 @@ struct Routable<'a> {
     id: &'a str,
     name: &'a str,
     spec: &'a ContainerSpec,
+    /// In force: an operator's override, else the label's.
+    weight: u32,
     ip: std::net::IpAddr,
     state: BackendState,
     stats: &'a Arc<BackendStats>,
@@ -43,12 +45,15 @@ impl Registry {
             .containers
             .values()
             .filter_map(|entry: &Entry| {
+                let operator = self.overrides.get(&entry.info.name);
+                let spec = entry.spec.as_ref().ok()?;
                 Some(Routable {
                     id: &entry.info.id,
                     name: &entry.info.name,
-                    spec: entry.spec.as_ref().ok()?,
+                    spec,
+                    weight: operator.map_or(spec.weight, |o| o.weight(spec.weight)),
                     ip: entry.info.address?,
-                    state: entry.health.state(),
+                    state: entry.state(operator),
                     stats: &entry.stats,
                     via: None,
                 })
@@ -56,10 +61,13 @@ impl Registry {
             .collect();
         for node in self.remote.nodes.values() {
             all.extend(node.containers.values().filter_map(|entry| {
+                let spec = entry.spec.as_ref().ok()?;
                 Some(Routable {
                     id: &entry.shared.id,
                     name: &entry.shared.name,
-                    spec: entry.spec.as_ref().ok()?,
+                    spec,
+                    // The owner's weight override arrives as the weight label.
+                    weight: spec.weight,
                     ip: entry.shared.address?,
                     state: entry.state(node.reachable),
                     stats: &entry.stats,
@@ -96,7 +104,7 @@ impl Registry {
                     container_id: container.id.into(),
                     container_name: container.name.into(),
                     addr: SocketAddr::new(container.ip, route.container_port),
-                    weight: container.spec.weight,
+                    weight: container.weight,
                     state: container.state,
                     stats: container.stats.clone(),
                     via: container.via,

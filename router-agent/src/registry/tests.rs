@@ -31,6 +31,7 @@ impl Setup {
                 // Fixed ranges: the host's addresses are not read.
                 auto_cidrs: false,
                 backend_max_connections: None,
+                overrides: crate::registry::overrides::Overrides::default(),
             },
             DockerHandle::default(),
             sender,
