@@ -96,12 +96,8 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         Some("/api/cluster") => (200, "application/json", cluster_json(state)),
         Some("/metrics") => (
             200,
-            "text/plain; version=0.0.4",
-            state.proxy.metrics.render()
-                + &state.proxy.render_state_metrics()
-                + &state.socket_lb.as_ref().map_or_else(String::new, |lb| {
-                    lb.render_metrics(&state.published().table.load())
-                }),
+            crate::exposition::CONTENT_TYPE,
+            crate::exposition::render(&state.proxy, state.socket_lb.as_ref()),
         ),
         Some(_) => (
             404,
