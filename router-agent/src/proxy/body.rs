@@ -331,7 +331,7 @@ mod tests {
         framing: BodyFraming,
         buffered: &[u8],
         stream: &[u8],
-    ) -> (Result<bool, RelayError>, Vec<u8>, Vec<u8>) {
+    ) -> (Result<Relayed, RelayError>, Vec<u8>, Vec<u8>) {
         let mut src = stream;
         let mut buf = BytesMut::from(buffered);
         let mut out = Vec::new();
@@ -350,7 +350,7 @@ mod tests {
     #[tokio::test]
     async fn length_body_keeps_what_follows() {
         let (result, out, rest) = run(BodyFraming::Length(5), b"he", b"lloGET").await;
-        assert!(result.is_ok());
+        assert_eq!(result.unwrap().bytes, 5);
         assert_eq!(out, b"hello");
         assert_eq!(rest, b"GET");
     }
@@ -359,8 +359,8 @@ mod tests {
     async fn chunked_body_keeps_what_follows() {
         let (result, out, rest) =
             run(BodyFraming::Chunked, b"3\r\nab", b"c\r\n0\r\n\r\nNEXT").await;
-        assert!(result.is_ok());
         assert_eq!(out, b"3\r\nabc\r\n0\r\n\r\n");
+        assert_eq!(result.unwrap().bytes, out.len() as u64, "chunk framing included");
         assert_eq!(rest, b"NEXT");
     }
 
