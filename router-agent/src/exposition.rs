@@ -17,8 +17,8 @@ use prometheus_client::{
 
 use crate::{
     access_log::short,
-    health::BackendState,
     config::DatapathMode,
+    health::BackendState,
     metrics::Metrics,
     proxy::ProxyContext,
     socket_lb::SocketLb,
@@ -124,11 +124,11 @@ const STATES: [BackendState; 4] = [
 
 impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge};
         let e = &mut encoder;
         let ctx = &self.ctx;
         let m: &Metrics = &ctx.metrics;
         let load = Metrics::load;
-        use MetricType::{Counter, Gauge};
 
         family(
             e,
@@ -145,25 +145,91 @@ impl Collector for AgentCollector {
         )?;
 
         // Client connections and admission.
-        single(e, "router_connections_accepted", "Client connections accepted.", Counter, load(&m.connections_accepted))?;
-        single(e, "router_connections_active", "Client connections open now.", Gauge, load(&m.connections_active))?;
-        single(e, "router_connections_max", "Client connections allowed at once (max_connections).", Gauge, ctx.admission.max_connections() as u64)?;
-        single(e, "router_connection_limit_reached", "Times a listener found the connection limit reached.", Counter, load(&ctx.admission.limit_reached))?;
-        single(e, "router_fd_exhausted", "Times the agent could not get a file descriptor.", Counter, load(&ctx.admission.fd_exhausted))?;
-        single(e, "router_connections_shed", "Idle client connections closed to make room at the connection limit.", Counter, load(&ctx.admission.shed_connections))?;
+        single(
+            e,
+            "router_connections_accepted",
+            "Client connections accepted.",
+            Counter,
+            load(&m.connections_accepted),
+        )?;
+        single(
+            e,
+            "router_connections_active",
+            "Client connections open now.",
+            Gauge,
+            load(&m.connections_active),
+        )?;
+        single(
+            e,
+            "router_connections_max",
+            "Client connections allowed at once (max_connections).",
+            Gauge,
+            ctx.admission.max_connections() as u64,
+        )?;
+        single(
+            e,
+            "router_connection_limit_reached",
+            "Times a listener found the connection limit reached.",
+            Counter,
+            load(&ctx.admission.limit_reached),
+        )?;
+        single(
+            e,
+            "router_fd_exhausted",
+            "Times the agent could not get a file descriptor.",
+            Counter,
+            load(&ctx.admission.fd_exhausted),
+        )?;
+        single(
+            e,
+            "router_connections_shed",
+            "Idle client connections closed to make room at the connection limit.",
+            Counter,
+            load(&ctx.admission.shed_connections),
+        )?;
 
         // Requests and responses.
-        single(e, "router_requests", "Requests read from clients (heads parsed).", Counter, load(&m.requests))?;
-        single(e, "router_retries", "Requests sent to another backend after a failure.", Counter, load(&m.retries))?;
-        single(e, "router_stale_reconnects", "Requests sent again on a new connection because the backend had closed the pooled one.", Counter, load(&m.stale_reconnects))?;
-        single(e, "router_queue_timeouts", "Requests answered 503 after waiting for a backend at its connection limit.", Counter, load(&m.queue_timeouts))?;
+        single(
+            e,
+            "router_requests",
+            "Requests read from clients (heads parsed).",
+            Counter,
+            load(&m.requests),
+        )?;
+        single(
+            e,
+            "router_retries",
+            "Requests sent to another backend after a failure.",
+            Counter,
+            load(&m.retries),
+        )?;
+        single(
+            e,
+            "router_stale_reconnects",
+            "Requests sent again on a new connection because the backend had closed the pooled one.",
+            Counter,
+            load(&m.stale_reconnects),
+        )?;
+        single(
+            e,
+            "router_queue_timeouts",
+            "Requests answered 503 after waiting for a backend at its connection limit.",
+            Counter,
+            load(&m.queue_timeouts),
+        )?;
         family(
             e,
             "router_responses",
             "Responses sent to clients, by exact status code and by who wrote them (backend or router).",
             Counter,
             m.responses.nonzero().map(|(code, source, n)| {
-                ([("code", code.to_string()), ("source", source.label().to_owned())], n)
+                (
+                    [
+                        ("code", code.to_string()),
+                        ("source", source.label().to_owned()),
+                    ],
+                    n,
+                )
             }),
         )?;
         family(
@@ -171,33 +237,115 @@ impl Collector for AgentCollector {
             "router_requests_rejected",
             "Requests the router refused as malformed, by reason.",
             Counter,
-            m.rejected_counts().into_iter().map(|(reason, n)| ([("reason", reason)], n)),
+            m.rejected_counts()
+                .into_iter()
+                .map(|(reason, n)| ([("reason", reason)], n)),
         )?;
         family(
             e,
             "router_exchange_errors",
             "Failed backend exchanges by kind, over every backend (removed ones included).",
             Counter,
-            m.backend_errors.iter().map(|(kind, n)| ([("kind", kind.label())], n)),
+            m.backend_errors
+                .iter()
+                .map(|(kind, n)| ([("kind", kind.label())], n)),
         )?;
         self.encode_routes(e)?;
 
         // Data path.
-        single(e, "router_copied_bytes", "Bytes moved through userspace buffers.", Counter, load(&m.bytes_copied))?;
-        single(e, "router_spliced_bytes", "Body and tunnel bytes moved with splice(2).", Counter, load(&m.bytes_spliced))?;
-        single(e, "router_kernel_bytes", "Bytes redirected in the kernel between offloaded sockets.", Counter, load(&m.bytes_kernel))?;
-        single(e, "router_connections_offloaded", "Connections handed to the kernel sockhash.", Counter, load(&m.connections_offloaded))?;
-        single(e, "router_tunnels_demoted", "Kernel tunnel directions handed back to userspace because the peer did not keep up.", Counter, load(&m.tunnels_demoted))?;
-        single(e, "router_tunnel_overlaps_cut", "Retransmitted segments of kernel tunnels whose repeated head the verdict program cut off.", Counter, load(&m.tunnel_overlaps_cut))?;
-        single(e, "router_tunnel_overlap_cut_bytes", "Bytes cut off retransmitted segments of kernel tunnels (each would have been delivered twice).", Counter, load(&m.tunnel_overlap_bytes_cut))?;
-        single(e, "router_pool_idle_connections", "Kept-alive backend connections waiting in the pool.", Gauge, ctx.pool.idle_total() as u64)?;
-        single(e, "router_pipes_in_use", "Splice pipes lent to transfers now.", Gauge, ctx.pipes.in_use() as u64)?;
-        single(e, "router_pipes_exhausted", "Transfers copied because no splice pipe was free.", Counter, load(&ctx.pipes.exhausted))?;
+        single(
+            e,
+            "router_copied_bytes",
+            "Bytes moved through userspace buffers.",
+            Counter,
+            load(&m.bytes_copied),
+        )?;
+        single(
+            e,
+            "router_spliced_bytes",
+            "Body and tunnel bytes moved with splice(2).",
+            Counter,
+            load(&m.bytes_spliced),
+        )?;
+        single(
+            e,
+            "router_kernel_bytes",
+            "Bytes redirected in the kernel between offloaded sockets.",
+            Counter,
+            load(&m.bytes_kernel),
+        )?;
+        single(
+            e,
+            "router_connections_offloaded",
+            "Connections handed to the kernel sockhash.",
+            Counter,
+            load(&m.connections_offloaded),
+        )?;
+        single(
+            e,
+            "router_tunnels_demoted",
+            "Kernel tunnel directions handed back to userspace because the peer did not keep up.",
+            Counter,
+            load(&m.tunnels_demoted),
+        )?;
+        single(
+            e,
+            "router_tunnel_overlaps_cut",
+            "Retransmitted segments of kernel tunnels whose repeated head the verdict program cut off.",
+            Counter,
+            load(&m.tunnel_overlaps_cut),
+        )?;
+        single(
+            e,
+            "router_tunnel_overlap_cut_bytes",
+            "Bytes cut off retransmitted segments of kernel tunnels (each would have been delivered twice).",
+            Counter,
+            load(&m.tunnel_overlap_bytes_cut),
+        )?;
+        single(
+            e,
+            "router_pool_idle_connections",
+            "Kept-alive backend connections waiting in the pool.",
+            Gauge,
+            ctx.pool.idle_total() as u64,
+        )?;
+        single(
+            e,
+            "router_pipes_in_use",
+            "Splice pipes lent to transfers now.",
+            Gauge,
+            ctx.pipes.in_use() as u64,
+        )?;
+        single(
+            e,
+            "router_pipes_exhausted",
+            "Transfers copied because no splice pipe was free.",
+            Counter,
+            load(&ctx.pipes.exhausted),
+        )?;
 
         // The agent's own work.
-        single(e, "router_engine_requests", "Requests discovery made to the Docker engine.", Counter, load(&m.engine_requests))?;
-        single(e, "router_access_log_lines", "Access-log lines written.", Counter, load(&m.access_log_lines))?;
-        single(e, "router_access_log_dropped", "Access-log lines dropped because the writer could not keep up (or could not write).", Counter, load(&m.access_log_dropped))?;
+        single(
+            e,
+            "router_engine_requests",
+            "Requests discovery made to the Docker engine.",
+            Counter,
+            load(&m.engine_requests),
+        )?;
+        single(
+            e,
+            "router_access_log_lines",
+            "Access-log lines written.",
+            Counter,
+            load(&m.access_log_lines),
+        )?;
+        single(
+            e,
+            "router_access_log_dropped",
+            "Access-log lines dropped because the writer could not keep up (or could not write).",
+            Counter,
+            load(&m.access_log_dropped),
+        )?;
 
         // Socket-level balancing of tcp routes (no samples when it is off).
         let lb_counts = self
@@ -206,13 +354,36 @@ impl Collector for AgentCollector {
             .map(|lb| lb.route_counts(&self.table))
             .unwrap_or_default();
         let lb_rows = |pick: fn(&(String, u16, u64, u64)) -> u64| {
-            lb_counts
-                .iter()
-                .map(move |row| ([("route", row.0.clone()), ("port", row.1.to_string())], pick(row)))
+            lb_counts.iter().map(move |row| {
+                (
+                    [("route", row.0.clone()), ("port", row.1.to_string())],
+                    pick(row),
+                )
+            })
         };
-        family(e, "router_socket_lb_connects", "Connects of a tcp route sent straight to a backend by the kernel.", Counter, lb_rows(|r| r.2))?;
-        family(e, "router_socket_lb_refused", "Connects of a tcp route refused by the kernel (ECONNREFUSED: no up backend).", Counter, lb_rows(|r| r.3))?;
-        single(e, "router_socket_lb_routes", "tcp routes whose connects the kernel balances.", Gauge, self.socket_lb.as_ref().map_or(0, |lb| lb.served_routes() as u64))?;
+        family(
+            e,
+            "router_socket_lb_connects",
+            "Connects of a tcp route sent straight to a backend by the kernel.",
+            Counter,
+            lb_rows(|r| r.2),
+        )?;
+        family(
+            e,
+            "router_socket_lb_refused",
+            "Connects of a tcp route refused by the kernel (ECONNREFUSED: no up backend).",
+            Counter,
+            lb_rows(|r| r.3),
+        )?;
+        single(
+            e,
+            "router_socket_lb_routes",
+            "tcp routes whose connects the kernel balances.",
+            Gauge,
+            self.socket_lb
+                .as_ref()
+                .map_or(0, |lb| lb.served_routes() as u64),
+        )?;
         Ok(())
     }
 }

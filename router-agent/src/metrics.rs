@@ -131,7 +131,8 @@ pub struct DurationHistogram {
 pub struct HistogramSnapshot {
     pub sum_seconds: f64,
     pub count: u64,
-    /// Cumulative counts per upper bound, ending with `+Inf`.
+    /// Per upper bound (ending with `f64::MAX` for `+Inf`), the observations in that bucket alone: the
+    /// encoder of `prometheus-client` makes them cumulative.
     pub buckets: Vec<(f64, u64)>,
 }
 
@@ -150,20 +151,17 @@ impl DurationHistogram {
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut running = 0;
         let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
             .iter()
             .copied()
-            .chain([f64::INFINITY])
+            // The encoder writes `+Inf` for `f64::MAX` (the crate's own histograms end so).
+            .chain([f64::MAX])
             .zip(&self.counts)
-            .map(|(bound, n)| {
-                running += n.load(Ordering::Relaxed);
-                (bound, running)
-            })
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
             .collect();
         HistogramSnapshot {
             sum_seconds: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            count: running,
+            count: buckets.iter().map(|b| b.1).sum(),
             buckets,
         }
     }
@@ -286,7 +284,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn histogram_buckets_hold_their_own_observations() {
         let h = DurationHistogram::default();
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(30));
@@ -294,8 +292,9 @@ mod tests {
         let s = h.snapshot();
         assert_eq!(s.count, 3);
         assert_eq!(s.buckets[0], (0.001, 1));
-        assert_eq!(s.buckets[5], (0.05, 2));
-        assert_eq!(*s.buckets.last().unwrap(), (f64::INFINITY, 3));
+        assert_eq!(s.buckets[4], (0.025, 0));
+        assert_eq!(s.buckets[5], (0.05, 1));
+        assert_eq!(*s.buckets.last().unwrap(), (f64::MAX, 1));
         assert!((s.sum_seconds - 60.0305).abs() < 1e-9);
     }
 
@@ -308,9 +307,6 @@ mod tests {
         r.add(99, Source::Router);
         r.add(600, Source::Router);
         let all: Vec<_> = r.nonzero().collect();
-        assert_eq!(
-            all,
-            [(404, Source::Backend, 2), (404, Source::Router, 1)]
-        );
+        assert_eq!(all, [(404, Source::Backend, 2), (404, Source::Router, 1)]);
     }
 }

@@ -72,7 +72,12 @@ fn json_access_log_names_the_backend_and_the_router_answers() {
     assert_eq!(proxied["backend"], backend.name.as_str());
     assert_eq!(proxied["backend_id"], backend.short_id());
     assert_eq!(proxied["kind"], "http");
-    assert!(proxied["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        proxied["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     assert!(proxied["bytes_in"].as_u64().unwrap() > 0);
     // The test backend's answer carries its body: more than a bare head.
     assert!(proxied["bytes_out"].as_u64().unwrap() as usize > ok.body.len());
@@ -98,7 +103,9 @@ fn text_access_log_and_malformed_requests() {
     let backend = Container::backend(&unique("tlog"), &[&route_label(&domain)]);
     agent.wait_up(&domain, &[&backend.id], Duration::from_secs(15));
     assert_eq!(
-        client::get(agent.http_addr(), &domain, "/", &[]).expect("request").status,
+        client::get(agent.http_addr(), &domain, "/", &[])
+            .expect("request")
+            .status,
         200
     );
     // Two Host headers: 400 from the router, logged with the parser's reason.
@@ -151,7 +158,9 @@ fn metrics_move_with_traffic_and_forget_removed_containers() {
     }
     let missing = format!("{}.local", unique("nobody"));
     assert_eq!(
-        client::get(agent.http_addr(), &missing, "/", &[]).expect("request").status,
+        client::get(agent.http_addr(), &missing, "/", &[])
+            .expect("request")
+            .status,
         404
     );
     agent.wait_idle();

@@ -80,6 +80,7 @@ fn per_backend_series_follow_the_table() {
         .table
         .store(Arc::new(table(vec![one.clone(), two], &stats)));
     stats.durations.observe(Duration::from_millis(3));
+    stats.durations.observe(Duration::from_millis(30));
     ctx.metrics.responses.add(404, Source::Router);
     ctx.metrics.responses.add(200, Source::Backend);
 
@@ -89,8 +90,11 @@ fn per_backend_series_follow_the_table() {
         "router_backend_errors_total{route=\"web.local\",backend=\"web-2\",id=\"fedcba987654\",kind=\"timeout\"} 1",
         "router_backend_state{route=\"web.local\",backend=\"web-2\",id=\"fedcba987654\",state=\"draining\"} 1",
         "router_backend_state{route=\"web.local\",backend=\"web-2\",id=\"fedcba987654\",state=\"up\"} 0",
+        "router_request_duration_seconds_bucket{le=\"0.0025\",route=\"web.local\"} 0",
         "router_request_duration_seconds_bucket{le=\"0.005\",route=\"web.local\"} 1",
-        "router_request_duration_seconds_count{route=\"web.local\"} 1",
+        "router_request_duration_seconds_bucket{le=\"0.05\",route=\"web.local\"} 2",
+        "router_request_duration_seconds_bucket{le=\"+Inf\",route=\"web.local\"} 2",
+        "router_request_duration_seconds_count{route=\"web.local\"} 2",
         "router_responses_total{code=\"404\",source=\"router\"} 1",
         "router_responses_total{code=\"200\",source=\"backend\"} 1",
         "router_exchange_errors_total{kind=\"timeout\"} 1",
@@ -99,7 +103,9 @@ fn per_backend_series_follow_the_table() {
     }
 
     // web-2 removed: its series go with it.
-    ctx.published.table.store(Arc::new(table(vec![one], &stats)));
+    ctx.published
+        .table
+        .store(Arc::new(table(vec![one], &stats)));
     let text = render(&ctx, None);
     assert!(!text.contains("web-2"), "{text}");
     assert_eq!(samples(&text, "router_backend_requests_total").len(), 1);

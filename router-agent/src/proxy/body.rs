@@ -360,7 +360,11 @@ mod tests {
         let (result, out, rest) =
             run(BodyFraming::Chunked, b"3\r\nab", b"c\r\n0\r\n\r\nNEXT").await;
         assert_eq!(out, b"3\r\nabc\r\n0\r\n\r\n");
-        assert_eq!(result.unwrap().bytes, out.len() as u64, "chunk framing included");
+        assert_eq!(
+            result.unwrap().bytes,
+            out.len() as u64,
+            "chunk framing included"
+        );
         assert_eq!(rest, b"NEXT");
     }
 

@@ -346,7 +346,8 @@ impl Connection {
                     Ok(connected) => connected,
                     Err(Unavailable::NoBackend) if failed_with.is_some() => {
                         debug!(tried = ?tried, "no backend left after a failed exchange: 502");
-                        self.answer(failed_with.unwrap_or(502), "backend_failed").await;
+                        self.answer(failed_with.unwrap_or(502), "backend_failed")
+                            .await;
                         return Ok(Next::Close);
                     }
                     Err(why) => {
@@ -587,7 +588,8 @@ impl RequestExchange<'_> {
                 debug!("bad chunked request body: {why}");
                 self.metrics.rejected(why);
                 let response = error_response(400, true);
-                self.record.router_answered(400, "bad_request", response.len());
+                self.record
+                    .router_answered(400, "bad_request", response.len());
                 self.record.detail = Some(why);
                 let _ = client_write.write_all(&response).await;
                 return Attempt::Abort;
@@ -656,8 +658,9 @@ impl RequestExchange<'_> {
                 .ctx
                 .tunnel_path(tunnel::TunnelKind::WebSocket, *self.spliced);
             self.record.kind = crate::access_log::Kind::Websocket;
-            let moved = upgrade_to_tunnel(self.client, self.client_buf, self.upstream, path, self.ctx)
-                .await;
+            let moved =
+                upgrade_to_tunnel(self.client, self.client_buf, self.upstream, path, self.ctx)
+                    .await;
             self.record.bytes_in += moved.from_client;
             self.record.bytes_out += moved.to_client;
             return Attempt::Done {
