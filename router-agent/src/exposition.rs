@@ -1,4 +1,4 @@
-//! `/metrics`: every series of the agent, in the OpenMetrics text format of the
+//! `/metrics`: every series of the agent, in the `OpenMetrics` text format of the
 //! `prometheus-client` crate.
 //!
 //! The counters live where the data path updates them (plain atomics in `Metrics`, the routing
@@ -28,7 +28,7 @@ use crate::{
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Every series, as OpenMetrics text.
+/// Every series, as `OpenMetrics` text.
 pub fn render(ctx: &Arc<ProxyContext>, socket_lb: Option<&Arc<SocketLb>>) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(AgentCollector {

@@ -288,7 +288,7 @@ mod tests {
         let h = DurationHistogram::default();
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(30));
-        h.observe(Duration::from_secs(60));
+        h.observe(Duration::from_mins(1));
         let s = h.snapshot();
         assert_eq!(s.count, 3);
         assert_eq!(s.buckets[0], (0.001, 1));
