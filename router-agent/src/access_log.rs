@@ -376,7 +376,7 @@ mod tests {
 
     fn entry() -> Entry<'static> {
         Entry {
-            time: SystemTime::UNIX_EPOCH + Duration::from_mins(30_000_000),
+            time: SystemTime::UNIX_EPOCH + Duration::from_hours(500_000),
             kind: Kind::Http,
             client: "198.18.0.1:40312".parse().unwrap(),
             request_line: Some(b"GET /a\"b HTTP/1.1"),
