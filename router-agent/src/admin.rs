@@ -251,12 +251,8 @@ async fn dispatch(request: &AdminRequest, state: &AdminState) -> Reply {
         "/api/cluster" => Reply::json(200, cluster_json(state)),
         "/metrics" => Reply {
             status: 200,
-            content_type: "text/plain; version=0.0.4",
-            body: state.proxy.metrics.render()
-                + &state.proxy.render_state_metrics()
-                + &state.socket_lb.as_ref().map_or_else(String::new, |lb| {
-                    lb.render_metrics(&state.published().table.load())
-                }),
+            content_type: crate::exposition::CONTENT_TYPE,
+            body: crate::exposition::render(&state.proxy, state.socket_lb.as_ref()),
         },
         _ => Reply::error(
             404,

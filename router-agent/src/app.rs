@@ -13,6 +13,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    access_log::AccessLog,
     admin, cluster,
     config::{ClusterMode, Config, DatapathMode, SocketLbMode},
     discovery,
@@ -122,6 +123,7 @@ pub async fn run(config: Config, prepared: Prepared) -> anyhow::Result<()> {
         pipes,
         admission: proxy::Admission::new(config.max_connections),
         cluster: std::sync::OnceLock::new(),
+        access_log: AccessLog::start(&config.access_log, config.log_format, metrics.clone())?,
     });
     tokio::spawn(proxy::maintain_pool(ctx.clone()));
     let tls = match &config.tls_cert_dir {

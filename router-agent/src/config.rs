@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::{cidr::Cidr, http::HeadLimits};
+use crate::{access_log::AccessLogTarget, cidr::Cidr, http::HeadLimits};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -134,9 +134,13 @@ pub struct Cli {
     /// How bytes move [default: auto].
     #[arg(long, env = "ROUTER_DATAPATH", value_enum)]
     pub datapath: Option<DatapathMode>,
-    /// Log line format [default: text].
+    /// Format of the agent's log and of the access log [default: text].
     #[arg(long, env = "ROUTER_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Where the access log (one line per request) goes: off, stdout, stderr or a file path
+    /// [default: stdout; the agent's own log is on stderr].
+    #[arg(long, env = "ROUTER_ACCESS_LOG")]
+    pub access_log: Option<AccessLogTarget>,
     /// HTTP worker threads, each with its own listening socket [default: one per CPU].
     #[arg(long, env = "ROUTER_WORKERS")]
     pub workers: Option<usize>,
@@ -183,6 +187,7 @@ struct FileConfig {
     default_domain: Option<String>,
     datapath: Option<DatapathMode>,
     log_format: Option<LogFormat>,
+    access_log: Option<AccessLogTarget>,
     workers: Option<usize>,
     cluster: Option<ClusterMode>,
     cluster_listen: Option<SocketAddr>,
@@ -285,6 +290,7 @@ pub struct Config {
     pub default_domain: String,
     pub datapath: DatapathMode,
     pub log_format: LogFormat,
+    pub access_log: AccessLogTarget,
     /// HTTP worker threads.
     pub workers: usize,
     pub cluster: ClusterMode,
@@ -338,6 +344,7 @@ impl Config {
                 .unwrap_or_else(|| "local".into()),
             datapath: cli.datapath.or(file.datapath).unwrap_or_default(),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            access_log: cli.access_log.or(file.access_log).unwrap_or_default(),
             workers: cli
                 .workers
                 .or(file.workers)

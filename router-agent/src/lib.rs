@@ -1,5 +1,6 @@
 //! The router agent as a library: the binary (`main.rs`) parses the command line and calls
 //! [`app::run`]; tests and fuzz targets reach the pure cores (`http`, `labels`, `table`, ...).
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balance;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod ctl;
 pub mod discovery;
 pub mod ebpf;
+pub mod exposition;
 pub mod fast_hash;
 pub mod handover;
 pub mod health;

@@ -19,6 +19,7 @@ use crate::{
     fast_hash::FastHashMap,
     health::BackendState,
     labels::Scheme,
+    metrics::{DurationHistogram, ErrorCounts},
 };
 
 /// Live counters and limits of one backend container; they outlive table rebuilds.
@@ -32,6 +33,16 @@ pub struct BackendStats {
     consecutive_errors: AtomicU32,
     /// Slots for requests in flight, when the backend has a connection limit.
     pub slots: Option<Arc<Semaphore>>,
+    /// Failed exchanges by kind (`router_backend_errors_total`).
+    pub errors: ErrorCounts,
+}
+
+/// Live statistics of one route; like [`BackendStats`] they outlive table rebuilds, and go
+/// when the route does (so `/metrics` shows no series of routes that no longer exist).
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// From the complete request head to the end of the response, every answer included.
+    pub durations: DurationHistogram,
 }
 
 impl BackendStats {
@@ -104,6 +115,7 @@ pub struct Route {
     /// For `tcp://` routes: the port the router listens on.
     pub listen_port: Option<u16>,
     pub backends: Vec<Backend>,
+    pub stats: Arc<RouteStats>,
     schedule: Schedule,
 }
 
@@ -154,6 +166,7 @@ pub struct RouteInput {
     pub sticky: bool,
     pub backends: Vec<Backend>,
     pub cursor: Arc<AtomicUsize>,
+    pub stats: Arc<RouteStats>,
 }
 
 #[derive(Debug, Default)]
@@ -201,6 +214,7 @@ impl RoutingTable {
                 listen_port,
                 schedule: Schedule::new(&weights, input.cursor),
                 backends: input.backends,
+                stats: input.stats,
             });
             match listen_port {
                 Some(port) => {
@@ -327,6 +341,7 @@ mod tests {
             sticky: true,
             backends,
             cursor: Arc::default(),
+            stats: Arc::default(),
         }
     }
 

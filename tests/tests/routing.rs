@@ -192,7 +192,7 @@ fn connection_refused_counts_as_a_failure_at_once_and_the_request_is_retried() {
     )
     .unwrap();
     assert!(
-        metrics.contains("router_backend_errors_total{kind=\"connect\"} 1\n"),
+        metrics.contains("router_exchange_errors_total{kind=\"connect\"} 1\n"),
         "one refused connect, then down:\n{metrics}"
     );
     assert!(metrics.contains("router_retries_total 1\n"), "{metrics}");

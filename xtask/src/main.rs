@@ -80,6 +80,10 @@ enum Command {
         /// for 256 KiB and 1 MiB bodies and the tunnel, to choose the pipe size.
         #[arg(long)]
         pipe_sweep: bool,
+        /// Instead of the comparison: router --datapath auto with the access log off and
+        /// written to a file, for the HTTP scenarios: what logging every request costs.
+        #[arg(long, conflicts_with_all = ["splice_sweep", "pipe_sweep"])]
+        access_log_cost: bool,
     },
     /// Repeat the concurrent kernel-tunnel test (8 tunnels x 48 MiB each way through
     /// `--datapath sockmap`) and count the runs in which a byte was lost or delivered twice.
@@ -189,12 +193,15 @@ fn main() -> anyhow::Result<()> {
             quick,
             splice_sweep,
             pipe_sweep,
+            access_log_cost,
         } => {
             setup::run()?;
             let study = if splice_sweep {
                 bench::Study::SpliceSweep
             } else if pipe_sweep {
                 bench::Study::PipeSweep
+            } else if access_log_cost {
+                bench::Study::AccessLogCost
             } else {
                 bench::Study::Comparison
             };

@@ -95,21 +95,32 @@ impl std::fmt::Display for RelayError {
     }
 }
 
-/// Relays one body; returns whether splice carried any of it.
+/// What relaying one body did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// splice(2) carried some of it.
+    pub spliced: bool,
+    /// Bytes written to the receiving side (chunk framing included), for the access log.
+    pub bytes: u64,
+}
+
+/// Relays one body.
 pub async fn relay<R, W>(
     framing: BodyFraming,
     src: &mut R,
     buf: &mut BytesMut,
     dst: &mut W,
     path: &BodyPath<'_>,
-) -> Result<bool, RelayError>
+) -> Result<Relayed, RelayError>
 where
     R: AsyncRead + Socket + Unpin,
     W: AsyncWrite + Socket + Unpin,
 {
     match framing {
-        BodyFraming::None => Ok(false),
-        BodyFraming::Length(n) => relay_length(n, src, buf, dst, path).await,
+        BodyFraming::None => Ok(Relayed::default()),
+        BodyFraming::Length(n) => relay_length(n, src, buf, dst, path)
+            .await
+            .map(|spliced| Relayed { spliced, bytes: n }),
         BodyFraming::Chunked => relay_chunked(src, buf, dst, path).await,
         BodyFraming::UntilClose => relay_until_close(src, buf, dst, path).await,
     }
@@ -165,13 +176,13 @@ async fn relay_chunked<R, W>(
     buf: &mut BytesMut,
     dst: &mut W,
     path: &BodyPath<'_>,
-) -> Result<bool, RelayError>
+) -> Result<Relayed, RelayError>
 where
     R: AsyncRead + Socket + Unpin,
     W: AsyncWrite + Socket + Unpin,
 {
     let mut scanner = ChunkedScanner::new(path.max_trailer_bytes);
-    let mut spliced = false;
+    let mut relayed = Relayed::default();
     loop {
         if buf.is_empty() {
             let data = scanner.data_remaining();
@@ -190,7 +201,8 @@ where
                 {
                     Ok(_) => {
                         scanner.skip_data(data);
-                        spliced = true;
+                        relayed.spliced = true;
+                        relayed.bytes += data;
                         continue;
                     }
                     Err(SpliceError::NoPipe) => {}
@@ -202,8 +214,9 @@ where
         let body_bytes = scanner.advance(buf).map_err(RelayError::Framing)?;
         write(dst, &buf[..body_bytes], path.copied, path.idle_timeout).await?;
         buf.advance(body_bytes);
+        relayed.bytes += body_bytes as u64;
         if scanner.is_done() {
-            return Ok(spliced);
+            return Ok(relayed);
         }
     }
 }
@@ -213,18 +226,24 @@ async fn relay_until_close<R, W>(
     buf: &mut BytesMut,
     dst: &mut W,
     path: &BodyPath<'_>,
-) -> Result<bool, RelayError>
+) -> Result<Relayed, RelayError>
 where
     R: AsyncRead + Socket + Unpin,
     W: AsyncWrite + Socket + Unpin,
 {
+    let mut relayed = Relayed::default();
     if !buf.is_empty() {
         write(dst, buf, path.copied, path.idle_timeout).await?;
+        relayed.bytes += buf.len() as u64;
         buf.clear();
     }
     if let Some((pipes, from, to)) = path.splice_pair(src, dst, None) {
         match splice::transfer(from, to, None, pipes, path.spliced, Some(path.idle_timeout)).await {
-            Ok(_) => return Ok(true),
+            Ok(n) => {
+                relayed.spliced = true;
+                relayed.bytes += n;
+                return Ok(relayed);
+            }
             Err(SpliceError::NoPipe) => {}
             Err(e) => return Err(e.into()),
         }
@@ -235,9 +254,10 @@ where
             .await
             .unwrap_or_else(|_| Err(idle(path.idle_timeout)));
         if read.map_err(RelayError::Source)? == 0 {
-            return Ok(false);
+            return Ok(relayed);
         }
         write(dst, buf, path.copied, path.idle_timeout).await?;
+        relayed.bytes += buf.len() as u64;
         buf.clear();
     }
 }
@@ -311,7 +331,7 @@ mod tests {
         framing: BodyFraming,
         buffered: &[u8],
         stream: &[u8],
-    ) -> (Result<bool, RelayError>, Vec<u8>, Vec<u8>) {
+    ) -> (Result<Relayed, RelayError>, Vec<u8>, Vec<u8>) {
         let mut src = stream;
         let mut buf = BytesMut::from(buffered);
         let mut out = Vec::new();
@@ -330,7 +350,7 @@ mod tests {
     #[tokio::test]
     async fn length_body_keeps_what_follows() {
         let (result, out, rest) = run(BodyFraming::Length(5), b"he", b"lloGET").await;
-        assert!(result.is_ok());
+        assert_eq!(result.unwrap().bytes, 5);
         assert_eq!(out, b"hello");
         assert_eq!(rest, b"GET");
     }
@@ -339,8 +359,12 @@ mod tests {
     async fn chunked_body_keeps_what_follows() {
         let (result, out, rest) =
             run(BodyFraming::Chunked, b"3\r\nab", b"c\r\n0\r\n\r\nNEXT").await;
-        assert!(result.is_ok());
         assert_eq!(out, b"3\r\nabc\r\n0\r\n\r\n");
+        assert_eq!(
+            result.unwrap().bytes,
+            out.len() as u64,
+            "chunk framing included"
+        );
         assert_eq!(rest, b"NEXT");
     }
 

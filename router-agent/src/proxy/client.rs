@@ -38,6 +38,15 @@ impl ClientStream {
         matches!(self, Self::Tls(_))
     }
 
+    /// The TCP socket under the client's bytes (for TLS, the encrypted ones): its kernel
+    /// counters measure what crossed the wire.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Tcp(tcp) => tcp,
+            Self::Tls(tls) => tls.get_ref().0,
+        }
+    }
+
     /// Read and write halves that can be used at the same time (a request body goes up while
     /// the response head comes down).
     pub fn split(&mut self) -> (ClientRead<'_>, ClientWrite<'_>) {

@@ -24,6 +24,7 @@ use super::{
     admission::ShedSignal,
     body::{self, BodyPath, RelayError},
     client::ClientStream,
+    record::{Answer, RequestRecord},
     tunnel,
     upstream::{self, Reuse, Tried, Unavailable, Upstream},
 };
@@ -34,7 +35,7 @@ use crate::{
         response::{self, ClientSide, ResponseHead},
     },
     metrics::{BackendError, Metrics},
-    table::RoutingTable,
+    table::{Route, RoutingTable},
 };
 
 /// Bytes read from a client per read call while waiting for a head.
@@ -63,6 +64,7 @@ pub async fn handle(
         request_head: Vec::with_capacity(1024),
         response_head: Vec::with_capacity(1024),
         spliced: false,
+        record: RequestRecord::new(Instant::now()),
     };
     if let Err(e) = connection.run().await {
         debug!(%peer, "client connection ended: {e}");
@@ -113,6 +115,8 @@ struct Connection {
     /// Whether splice(2) has touched this connection's socket (it must then never go into the
     /// sockhash: the two misbehave on one socket).
     spliced: bool,
+    /// The request being served, for the access log and the metrics.
+    record: RequestRecord,
 }
 
 impl Connection {
@@ -153,6 +157,8 @@ impl Connection {
             forwarded_headers: settings.forwarded_headers,
         };
         let waiting_since = Instant::now();
+        // The request starts with its first byte (one may be buffered already, pipelined).
+        let mut started = (!self.buf.is_empty()).then_some(waiting_since);
         let mut head_deadline = if first {
             Some(self.accepted_at + settings.header_timeout)
         } else {
@@ -166,9 +172,14 @@ impl Connection {
                     &forward,
                     &mut self.request_head,
                 ) {
-                    Ok(Some(head)) => return Ok(Some(head)),
+                    Ok(Some(head)) => {
+                        self.record.begin(started.unwrap_or(waiting_since));
+                        self.record.has_request_line = true;
+                        return Ok(Some(head));
+                    }
                     Ok(None) => {}
                     Err(reject) => {
+                        self.record.begin(started.unwrap_or(waiting_since));
                         self.refuse(reject).await;
                         return Ok(None);
                     }
@@ -194,12 +205,14 @@ impl Connection {
             };
             match read {
                 Err(_) if head_deadline.is_some() => {
+                    self.record.begin(started.unwrap_or(waiting_since));
                     self.refuse(Reject::HeadTimeout).await;
                     return Ok(None);
                 }
                 Err(_) | Ok(Ok(0)) => return Ok(None),
                 Ok(Ok(_)) => {
-                    head_deadline.get_or_insert_with(|| Instant::now() + settings.header_timeout);
+                    let now = *started.get_or_insert_with(Instant::now);
+                    head_deadline.get_or_insert_with(|| now + settings.header_timeout);
                 }
                 Ok(Err(e)) => return Err(e),
             }
@@ -209,27 +222,39 @@ impl Connection {
     async fn refuse(&mut self, reject: Reject) {
         self.ctx.metrics.rejected(reject.reason());
         debug!(peer = %self.peer, status = reject.status(), "refused request: {}", reject.reason());
-        self.answer(reject.status()).await;
+        let reason = if matches!(reject, Reject::HeadTimeout) {
+            "header_timeout"
+        } else {
+            "bad_request"
+        };
+        self.record.detail = Some(reject.reason());
+        self.answer(reject.status(), reason).await;
+        // The head was not parsed: no request line, no route.
+        self.record.finish(&self.ctx, self.peer, None, &[]);
         self.close().await;
     }
 
     /// Writes one of the router's own responses; the connection closes after it.
-    async fn answer(&mut self, status: u16) {
-        self.ctx.metrics.response(status);
-        let _ = self.client.write_all(&error_response(status, true)).await;
+    async fn answer(&mut self, status: u16, reason: &'static str) {
+        let response = error_response(status, true);
+        self.record.router_answered(status, reason, response.len());
+        let _ = self.client.write_all(&response).await;
     }
 
     /// The router's answer when no backend took the request.
     async fn answer_unavailable(&mut self, why: Unavailable) {
         match why {
-            Unavailable::NoBackend => self.answer(503).await,
+            Unavailable::NoBackend => self.answer(503, "no_backend").await,
             // Busy, not broken: tell the client when to come back.
             Unavailable::Saturated | Unavailable::Overloaded => {
-                self.ctx.metrics.response(503);
-                let _ = self
-                    .client
-                    .write_all(&crate::http::retry_later_response(RETRY_AFTER_SECONDS))
-                    .await;
+                let reason = if matches!(why, Unavailable::Saturated) {
+                    "backend_busy"
+                } else {
+                    "overloaded"
+                };
+                let response = crate::http::retry_later_response(RETRY_AFTER_SECONDS);
+                self.record.router_answered(503, reason, response.len());
+                let _ = self.client.write_all(&response).await;
             }
         }
     }
@@ -247,26 +272,44 @@ impl Connection {
         }
     }
 
-    /// Routes the request and runs it against backends until one answers or none is left.
-    /// (`ctx` is this connection's `self.ctx`, borrowed apart from `self`.)
+    /// Serves one request, then counts it and logs it.
     async fn exchange(
         &mut self,
         head: &RequestHead,
         ctx: &ProxyContext,
         table: &RoutingTable,
     ) -> io::Result<Next> {
+        self.record.bytes_in = head.head_len as u64;
+        let mut route = None;
+        let next = self.route_and_exchange(head, ctx, table, &mut route).await;
+        self.record
+            .finish(ctx, self.peer, route.map(|r| &**r), &self.request_head);
+        next
+    }
+
+    /// Routes the request and runs it against backends until one answers or none is left.
+    /// (`ctx` is this connection's `self.ctx`, borrowed apart from `self`.) The matched route
+    /// is left in `matched`.
+    async fn route_and_exchange<'t>(
+        &mut self,
+        head: &RequestHead,
+        ctx: &ProxyContext,
+        table: &'t RoutingTable,
+        matched: &mut Option<&'t std::sync::Arc<Route>>,
+    ) -> io::Result<Next> {
         let metrics = &ctx.metrics;
         Metrics::add(&metrics.requests, 1);
         let Some(route) = table.lookup(&self.buf[head.host.clone()], &self.buf[head.path.clone()])
         else {
-            self.answer(404).await;
+            self.answer(404, "no_route").await;
             return Ok(Next::Close);
         };
         if route.internal && !ctx.published.is_internal(self.peer.ip()) {
             info!(peer = %self.peer, domain = %route.domain, "internal domain asked from outside the internal networks: 404");
-            self.answer(404).await;
+            self.answer(404, "internal_domain").await;
             return Ok(Next::Close);
         }
+        *matched = Some(route);
         // Either a TLS terminator in front of the router or this agent's own TLS listener.
         if route.scheme.behind_tls() || self.client.is_tls() {
             head.forward_as_https(&mut self.request_head);
@@ -276,6 +319,9 @@ impl Connection {
         // A small body that arrived whole with its head leaves with it, in one write (and goes
         // again, whole, if the request is retried).
         let request_body = if coalesce_body(head.body, &mut self.buf, &mut self.request_head) {
+            if let BodyFraming::Length(n) = head.body {
+                self.record.bytes_in += n;
+            }
             BodyFraming::None
         } else {
             head.body
@@ -301,7 +347,8 @@ impl Connection {
                     Ok(connected) => connected,
                     Err(Unavailable::NoBackend) if failed_with.is_some() => {
                         debug!(tried = ?tried, "no backend left after a failed exchange: 502");
-                        self.answer(failed_with.unwrap_or(502)).await;
+                        self.answer(failed_with.unwrap_or(502), "backend_failed")
+                            .await;
                         return Ok(Next::Close);
                     }
                     Err(why) => {
@@ -311,6 +358,8 @@ impl Connection {
                 };
             let backend = &route.backends[selection.index];
             backend.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.record.connected = Some(Instant::now());
+            self.record.backend = Some(selection.index);
             let set_sticky =
                 (route.sticky && !selection.by_cookie).then_some(&*backend.container_id);
             let mut outcome = self
@@ -333,7 +382,7 @@ impl Connection {
                         return Ok(Next::Close);
                     }
                     Err(e) => {
-                        metrics.backend_error(BackendError::Connect);
+                        metrics.backend_error(&backend.stats, BackendError::Connect);
                         upstream::report_connect_failure(ctx, backend, &e);
                         continue;
                     }
@@ -349,7 +398,7 @@ impl Connection {
                     return Ok(next);
                 }
                 Attempt::NodeGone => {
-                    metrics.backend_error(BackendError::Reset);
+                    metrics.backend_error(&backend.stats, BackendError::Reset);
                     debug!(backend = %backend.addr, id = %backend.container_id, via = ?backend.via, "the backend's node was lost mid-request");
                     // The node is out of the table: another backend, if the request allows.
                     if replayable && idempotent && !resent_elsewhere {
@@ -357,11 +406,11 @@ impl Connection {
                         failed_with = Some(502);
                         continue;
                     }
-                    self.answer(502).await;
+                    self.answer(502, "node_lost").await;
                     return Ok(Next::Close);
                 }
                 Attempt::Lost(why) => {
-                    metrics.backend_error(BackendError::Reset);
+                    metrics.backend_error(&backend.stats, BackendError::Reset);
                     upstream::report_exchange_failure(ctx, backend, &why);
                     debug!(backend = %backend.addr, "no response: {why}");
                     // Sent again at most once, to another backend, and only when repeating it
@@ -372,16 +421,16 @@ impl Connection {
                         failed_with = Some(502);
                         continue;
                     }
-                    self.answer(502).await;
+                    self.answer(502, "backend_failed").await;
                     return Ok(Next::Close);
                 }
                 Attempt::Fail { status, kind, why } => {
-                    metrics.backend_error(kind);
+                    metrics.backend_error(&backend.stats, kind);
                     if kind != BackendError::ClientTimeout {
                         upstream::report_exchange_failure(ctx, backend, &why);
                     }
                     debug!(backend = %backend.addr, "answering {status}: {why}");
-                    self.answer(status).await;
+                    self.answer(status, kind.label()).await;
                     return Ok(Next::Close);
                 }
                 Attempt::Abort => return Ok(Next::Close),
@@ -427,6 +476,7 @@ impl Connection {
             body_path: &body_path,
             spliced: &mut self.spliced,
             response_timeout: ctx.settings.response_timeout,
+            record: &mut self.record,
         };
         exchange.run(request_body, &client_side).await
     }
@@ -444,6 +494,7 @@ struct RequestExchange<'a> {
     /// Set when splice moved any body byte on this client connection.
     spliced: &'a mut bool,
     response_timeout: Duration,
+    record: &'a mut RequestRecord,
 }
 
 /// How the concurrent request-body / response-head phase ended.
@@ -508,7 +559,10 @@ impl RequestExchange<'_> {
                 tokio::select! {
                     result = &mut body, if !body_done => {
                         match result {
-                            Ok(spliced) => *self.spliced |= spliced,
+                            Ok(relayed) => {
+                                *self.spliced |= relayed.spliced;
+                                self.record.bytes_in += relayed.bytes;
+                            }
                             // A backend that stopped reading answers or fails next.
                             Err(RelayError::Sink(_)) => {}
                             Err(RelayError::Framing(e)) => break ExchangeOutcome::BadRequestBody(e.0),
@@ -534,8 +588,11 @@ impl RequestExchange<'_> {
             ExchangeOutcome::BadRequestBody(why) => {
                 debug!("bad chunked request body: {why}");
                 self.metrics.rejected(why);
-                self.metrics.response(400);
-                let _ = client_write.write_all(&error_response(400, true)).await;
+                let response = error_response(400, true);
+                self.record
+                    .router_answered(400, "bad_request", response.len());
+                self.record.detail = Some(why);
+                let _ = client_write.write_all(&response).await;
                 return Attempt::Abort;
             }
             ExchangeOutcome::ClientStalled => {
@@ -578,7 +635,9 @@ impl RequestExchange<'_> {
             Err(ResponseError::ClientGone) => return Attempt::Abort,
         };
 
-        self.metrics.response(response.status);
+        self.record.first_byte = Some(Instant::now());
+        self.record.status = response.status;
+        self.record.answer = Answer::Backend;
         self.upstream.buf.advance(response.head_len);
         // A small body that arrived whole with its head leaves with it: one read, one write.
         let mut response_body = response.body;
@@ -591,6 +650,7 @@ impl RequestExchange<'_> {
         if client_write.write_all(self.response_head).await.is_err() {
             return Attempt::Abort;
         }
+        self.record.bytes_out += self.response_head.len() as u64;
 
         if response.status == 101 {
             // The split halves are not used past this point, so their borrows of both
@@ -598,7 +658,12 @@ impl RequestExchange<'_> {
             let path = self
                 .ctx
                 .tunnel_path(tunnel::TunnelKind::WebSocket, *self.spliced);
-            upgrade_to_tunnel(self.client, self.client_buf, self.upstream, path, self.ctx).await;
+            self.record.kind = crate::access_log::Kind::Websocket;
+            let moved =
+                upgrade_to_tunnel(self.client, self.client_buf, self.upstream, path, self.ctx)
+                    .await;
+            self.record.bytes_in += moved.from_client;
+            self.record.bytes_out += moved.to_client;
             return Attempt::Done {
                 next: Next::Close,
                 keep_backend: false,
@@ -613,7 +678,10 @@ impl RequestExchange<'_> {
         )
         .await
         {
-            Ok(spliced) => *self.spliced |= spliced,
+            Ok(relayed) => {
+                *self.spliced |= relayed.spliced;
+                self.record.bytes_out += relayed.bytes;
+            }
             Err(e) => {
                 debug!("response body: {e}");
                 return Attempt::Abort;
@@ -709,7 +777,9 @@ async fn upgrade_to_tunnel(
     upstream: &mut Upstream,
     path: tunnel::TunnelPath,
     ctx: &ProxyContext,
-) {
+) -> tunnel::Moved {
+    let before = tunnel::ClientBytes::read(client.tcp());
+    let mut sent = true;
     for (bytes, to) in [
         (
             &mut upstream.buf,
@@ -721,12 +791,16 @@ async fn upgrade_to_tunnel(
             // Counted before the write, as the response head is.
             Metrics::add(&ctx.metrics.bytes_copied, bytes.len() as u64);
             if to.write_all(bytes).await.is_err() {
-                return;
+                sent = false;
+                break;
             }
             bytes.clear();
         }
     }
-    client.tunnel(&mut upstream.stream, path, ctx).await;
+    if sent {
+        client.tunnel(&mut upstream.stream, path, ctx).await;
+    }
+    before.moved_since(client.tcp())
 }
 
 /// Bodies up to this size that are already buffered go out in the same write as their head.

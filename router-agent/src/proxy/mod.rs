@@ -8,6 +8,7 @@ mod body;
 mod client;
 mod connection;
 mod pool;
+mod record;
 mod splice;
 mod tcp_routes;
 mod tunnel;
@@ -72,6 +73,7 @@ pub struct ProxyContext {
     pub admission: Admission,
     /// This agent's place in a Swarm cluster, once joined (unset on a single host).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    pub access_log: crate::access_log::AccessLog,
 }
 
 /// The agent's life after start, as the data path sees it.
@@ -105,65 +107,6 @@ impl ProxyContext {
             // sockmap mode keeps splice off every socket: the two must never mix on one socket.
             DatapathMode::Copy | DatapathMode::Sockmap => None,
         }
-    }
-}
-
-impl ProxyContext {
-    /// Prometheus text for the admission, pool and pipe state (appended to `Metrics::render`).
-    pub fn render_state_metrics(&self) -> String {
-        use std::{fmt::Write as _, sync::atomic::Ordering};
-        let mut out = String::new();
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let mut series = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        let admission = &self.admission;
-        series(
-            "router_connections_max",
-            "gauge",
-            "Client connections allowed at once (max_connections).",
-            admission.max_connections() as u64,
-        );
-        series(
-            "router_connection_limit_reached_total",
-            "counter",
-            "Times a listener found the connection limit reached.",
-            load(&admission.limit_reached),
-        );
-        series(
-            "router_fd_exhausted_total",
-            "counter",
-            "Times the agent could not get a file descriptor.",
-            load(&admission.fd_exhausted),
-        );
-        series(
-            "router_connections_shed_total",
-            "counter",
-            "Idle client connections closed to make room at the connection limit.",
-            load(&admission.shed_connections),
-        );
-        series(
-            "router_pool_idle_connections",
-            "gauge",
-            "Kept-alive backend connections waiting in the pool.",
-            self.pool.idle_total() as u64,
-        );
-        series(
-            "router_pipes_in_use",
-            "gauge",
-            "Splice pipes lent to transfers now.",
-            self.pipes.in_use() as u64,
-        );
-        series(
-            "router_pipes_exhausted_total",
-            "counter",
-            "Transfers copied because no splice pipe was free.",
-            load(&self.pipes.exhausted),
-        );
-        out
     }
 }
 

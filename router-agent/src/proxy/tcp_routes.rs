@@ -11,9 +11,12 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{
-    Admitted, Phase, ProxyContext, accept, bind, tunnel,
+    Admitted, Phase, ProxyContext, accept, bind,
+    record::{Answer, RequestRecord},
+    tunnel,
     upstream::{self, Reuse, Tried},
 };
+use crate::access_log::Kind;
 
 /// Keeps one listener per tcp route port and address, following the routing table.
 pub async fn serve_tcp_routes(ctx: Arc<ProxyContext>, addresses: Vec<IpAddr>) {
@@ -77,29 +80,46 @@ async fn handle(
     let Some(route) = table.tcp_route(port) else {
         return;
     };
+    // One access-log line per connection, when it ends (no status: the route carries bytes).
+    let mut record = RequestRecord::new(tokio::time::Instant::now());
+    record.kind = Kind::Tcp;
     if route.internal && !ctx.published.is_internal(peer.ip()) {
         info!(%peer, domain = %route.domain, "internal tcp route asked from outside the internal networks: closed");
+        record.answer = Answer::Router("internal_domain");
+        record.finish(&ctx, peer, Some(route), &[]);
         return;
     }
     match upstream::connect_next(route, None, &mut Tried::default(), &ctx, Reuse::Fresh).await {
-        Ok((_, mut upstream)) => {
+        Ok((selection, mut upstream)) => {
+            record.connected = Some(tokio::time::Instant::now());
+            record.backend = Some(selection.index);
+            record.answer = Answer::Backend;
+            let before = tunnel::ClientBytes::read(&client);
             // Bytes the backend sent first (through another node's agent they may come with
             // its answer) go before the tunnel starts.
             if !upstream.buf.is_empty() {
                 use tokio::io::AsyncWriteExt as _;
-                if client.write_all(&upstream.buf).await.is_err() {
-                    return;
+                if client.write_all(&upstream.buf).await.is_ok() {
+                    upstream.buf.clear();
                 }
-                upstream.buf.clear();
             }
-            tunnel::run(
-                &mut client,
-                &mut upstream.stream,
-                ctx.tunnel_path(tunnel::TunnelKind::TcpRoute, false),
-                &ctx,
-            )
-            .await;
+            if upstream.buf.is_empty() {
+                tunnel::run(
+                    &mut client,
+                    &mut upstream.stream,
+                    ctx.tunnel_path(tunnel::TunnelKind::TcpRoute, false),
+                    &ctx,
+                )
+                .await;
+            }
+            let moved = before.moved_since(&client);
+            record.bytes_in = moved.from_client;
+            record.bytes_out = moved.to_client;
         }
-        Err(why) => debug!(%peer, port, "tcp route: no backend ({why:?}); closed"),
+        Err(why) => {
+            debug!(%peer, port, "tcp route: no backend ({why:?}); closed");
+            record.answer = Answer::Router("no_backend");
+        }
     }
+    record.finish(&ctx, peer, Some(route), &[]);
 }

@@ -679,3 +679,35 @@ fn shutdown_write(socket: &TcpStream) {
 fn reset(socket: &TcpStream) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
+
+/// Bytes a tunnel moved each way, as the client's socket counts them (whatever path carried
+/// them: copy, splice or the kernel), for the access log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Moved {
+    pub from_client: u64,
+    pub to_client: u64,
+}
+
+/// The client socket's own byte counters at one moment.
+pub struct ClientBytes {
+    received: u64,
+    written: u64,
+}
+
+impl ClientBytes {
+    pub fn read(client: &TcpStream) -> Self {
+        let fd = client.as_raw_fd();
+        Self {
+            received: tcp_info(fd).map_or(0, |i| i.tcpi_bytes_received),
+            written: bytes_written(fd),
+        }
+    }
+
+    pub fn moved_since(&self, client: &TcpStream) -> Moved {
+        let now = Self::read(client);
+        Moved {
+            from_client: now.received.saturating_sub(self.received),
+            to_client: now.written.saturating_sub(self.written),
+        }
+    }
+}

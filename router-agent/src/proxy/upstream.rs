@@ -108,7 +108,8 @@ pub async fn connect_next(
                 return Err(Unavailable::Overloaded);
             }
             Err(e) => {
-                ctx.metrics.backend_error(BackendError::Connect);
+                ctx.metrics
+                    .backend_error(&backend.stats, BackendError::Connect);
                 report_connect_failure(ctx, backend, &e);
             }
         }

@@ -181,7 +181,7 @@ pub struct Registry {
     local_cidrs: Vec<Cidr>,
     /// The host's own addresses, one range each (with `auto_cidrs` only).
     host_cidrs: Vec<Cidr>,
-    cursors: HashMap<RouteKey, Arc<AtomicUsize>>,
+    cursors: HashMap<RouteKey, (Arc<AtomicUsize>, Arc<crate::table::RouteStats>)>,
     next_generation: u64,
     /// Until the agent is ready: the containers whose first check is still to report.
     startup: Startup,

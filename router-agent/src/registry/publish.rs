@@ -83,7 +83,7 @@ impl Registry {
         for container in &all {
             for route in &container.spec.routes {
                 let key = route_key(route);
-                let cursor = self.cursors.entry(key.clone()).or_default().clone();
+                let (cursor, stats) = self.cursors.entry(key.clone()).or_default().clone();
                 let input = routes.entry(key.clone()).or_insert_with(|| RouteInput {
                     key,
                     domain: route.domain.clone(),
@@ -91,6 +91,7 @@ impl Registry {
                     sticky: true,
                     backends: Vec::new(),
                     cursor,
+                    stats,
                 });
                 // One container opting out of stickiness turns it off for the route: the cookie
                 // would otherwise pin sessions to some replicas and not others.

@@ -362,51 +362,31 @@ impl SocketLb {
         }
     }
 
-    /// Prometheus text: per `tcp://` route of the table, the connects the kernel balanced and
-    /// refused.
-    pub fn render_metrics(&self, table: &RoutingTable) -> String {
+    /// Per `tcp://` route of the table (domain, port): the connects the kernel balanced and
+    /// refused, for `/metrics`.
+    pub fn route_counts(&self, table: &RoutingTable) -> Vec<(String, u16, u64, u64)> {
         let inner = self.lock();
-        let mut out = String::new();
-        for (name, help, pick) in [
-            (
-                "router_socket_lb_connects_total",
-                "Connects of a tcp route sent straight to a backend by the kernel.",
-                (|s: &RouteStats| s.connects) as fn(&RouteStats) -> u64,
-            ),
-            (
-                "router_socket_lb_refused_total",
-                "Connects of a tcp route refused by the kernel (ECONNREFUSED: no up backend).",
-                |s: &RouteStats| s.refused,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            let mut ports: Vec<u16> = table.tcp_ports().collect();
-            ports.sort_unstable();
-            for port in ports {
-                let Some(route) = table.tcp_route(port) else {
-                    continue;
-                };
+        let mut ports: Vec<u16> = table.tcp_ports().collect();
+        ports.sort_unstable();
+        ports
+            .into_iter()
+            .filter_map(|port| {
+                let route = table.tcp_route(port)?;
                 let counts = Self::counts(&inner, port);
-                let _ = writeln!(
-                    out,
-                    "{name}{{route=\"{}\",port=\"{port}\"}} {}",
-                    route.domain,
-                    pick(&counts)
-                );
-            }
-        }
-        let served = inner
+                Some((route.domain.clone(), port, counts.connects, counts.refused))
+            })
+            .collect()
+    }
+
+    /// tcp routes whose connects the kernel balances now.
+    pub fn served_routes(&self) -> usize {
+        let inner = self.lock();
+        inner
             .state
             .routes
             .keys()
             .filter(|&&port| inner.state.serves(port))
-            .count();
-        let _ = writeln!(
-            out,
-            "# HELP router_socket_lb_routes tcp routes whose connects the kernel balances.\n\
-             # TYPE router_socket_lb_routes gauge\nrouter_socket_lb_routes {served}"
-        );
-        out
+            .count()
     }
 }
 

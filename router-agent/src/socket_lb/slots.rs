@@ -163,6 +163,7 @@ mod tests {
             sticky: false,
             backends,
             cursor: Arc::default(),
+            stats: Arc::default(),
         }
     }
 

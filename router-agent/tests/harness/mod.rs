@@ -61,6 +61,7 @@ impl Proxy {
             pipes: PipePool::new(DEFAULT_PIPE_SIZE, 16).expect("splice pipes"),
             admission: Admission::new(256),
             cluster: OnceLock::new(),
+            access_log: router_agent::access_log::AccessLog::off(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -131,6 +132,7 @@ pub fn route_to(domain: &str, backends: &[(&str, SocketAddr, BackendState)]) -> 
             })
             .collect(),
         cursor: Arc::default(),
+        stats: Arc::default(),
     }
 }
 

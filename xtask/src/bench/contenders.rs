@@ -39,6 +39,9 @@ pub enum Contender {
     RouterPipe(u32),
     /// Socket-level balancing of the tcp route (userspace serves only what it does not cover).
     RouterSocketLb,
+    /// `--datapath auto` with the access log written to a file (every other router runs with
+    /// `--access-log off`): the cost of logging every request.
+    RouterAccessLog,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,13 +72,17 @@ impl Contender {
             Contender::Router(mode) => format!("router-{}", mode.flag()),
             Contender::RouterPipe(kib) => format!("router-splice-pipe-{}", size_name(kib)),
             Contender::RouterSocketLb => "router-socket-lb".into(),
+            Contender::RouterAccessLog => "router-accesslog".into(),
         }
     }
 
     pub fn is_router(self) -> bool {
         matches!(
             self,
-            Contender::Router(_) | Contender::RouterPipe(_) | Contender::RouterSocketLb
+            Contender::Router(_)
+                | Contender::RouterPipe(_)
+                | Contender::RouterSocketLb
+                | Contender::RouterAccessLog
         )
     }
 }
@@ -277,12 +284,17 @@ pub fn start(
         }),
         Contender::Haproxy => start_haproxy(protocol, setup),
         Contender::Nginx => start_nginx(protocol, setup),
-        Contender::Router(mode) => start_router(mode, None, false, protocol, setup),
+        Contender::Router(mode) => start_router(mode, None, false, false, protocol, setup),
         Contender::RouterPipe(kib) => {
-            start_router(Datapath::Splice, Some(kib), false, protocol, setup)
+            start_router(Datapath::Splice, Some(kib), false, false, protocol, setup)
         }
         // Splice serves whatever the kernel leaves to userspace (nothing, here).
-        Contender::RouterSocketLb => start_router(Datapath::Splice, None, true, protocol, setup),
+        Contender::RouterSocketLb => {
+            start_router(Datapath::Splice, None, true, false, protocol, setup)
+        }
+        Contender::RouterAccessLog => {
+            start_router(Datapath::Auto, None, false, true, protocol, setup)
+        }
     }
 }
 
@@ -581,6 +593,7 @@ fn start_router(
     mode: Datapath,
     pipe_kib: Option<u32>,
     socket_lb: bool,
+    access_log: bool,
     protocol: Protocol,
     setup: &Setup<'_>,
 ) -> anyhow::Result<Running> {
@@ -629,6 +642,14 @@ fn start_router(
         log = setup.tmp.join("router-socket-lb.log");
     } else {
         command.args(["--socket-lb", "off"]);
+    }
+    if access_log {
+        let path = setup.tmp.join("router-access.log");
+        command.arg("--access-log").arg(&path);
+        let _ = write!(what, " --access-log {}", path.display());
+        log = setup.tmp.join("router-accesslog.log");
+    } else {
+        command.args(["--access-log", "off"]);
     }
     if let Some(kib) = pipe_kib {
         let config = setup

@@ -61,6 +61,8 @@ pub enum Study {
     SpliceSweep,
     /// router splice with pipes of several sizes: the pipe size.
     PipeSweep,
+    /// router auto with and without the access log: what logging every request costs.
+    AccessLogCost,
 }
 
 /// Pipe sizes of `--pipe-sweep`, in KiB (1024 is the agent's default).
@@ -171,14 +173,19 @@ fn scenarios_of(study: Study) -> Vec<Scenario> {
             scenarios.extend(main_scenarios().into_iter().filter(|s| s.name == "tunnel"));
             scenarios
         }
+        Study::AccessLogCost => main_scenarios()
+            .into_iter()
+            .filter(|s| matches!(s.kind, Kind::Http { .. }))
+            .collect(),
     }
 }
 
 fn contenders_for(scenario: &Scenario, study: Study) -> Vec<Contender> {
-    use Contender::{Direct, Haproxy, Nginx, Router, RouterPipe, RouterSocketLb};
+    use Contender::{Direct, Haproxy, Nginx, Router, RouterAccessLog, RouterPipe, RouterSocketLb};
     match study {
         Study::SpliceSweep => return vec![Router(Datapath::Copy), Router(Datapath::Splice)],
         Study::PipeSweep => return SWEEP_PIPE_KIB.into_iter().map(RouterPipe).collect(),
+        Study::AccessLogCost => return vec![Router(Datapath::Auto), RouterAccessLog],
         Study::Comparison => {}
     }
     let routers: &[Datapath] = match scenario.kind {
@@ -194,9 +201,11 @@ fn contenders_for(scenario: &Scenario, study: Study) -> Vec<Contender> {
             return vec![Direct, Haproxy, Router(Datapath::Splice), RouterSocketLb];
         }
     };
+    let logging = matches!(scenario.kind, Kind::Http { .. }).then_some(RouterAccessLog);
     [Direct, Haproxy, Nginx]
         .into_iter()
         .chain(routers.iter().copied().map(Router))
+        .chain(logging)
         .collect()
 }
 
@@ -311,6 +320,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "router-agent splice sweep: --datapath copy vs splice by body size".into()
             }
             Study::PipeSweep => "router-agent pipe sweep: --datapath splice by pipe size".into(),
+            Study::AccessLogCost => {
+                "router-agent access-log cost: --datapath auto, access log off vs on".into()
+            }
             Study::Comparison => {
                 "router-agent benchmark: direct, HAProxy, nginx, router-agent".into()
             }
@@ -341,10 +353,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             svg_path.display()
         );
     } else {
-        let (markdown, name) = if options.study == Study::SpliceSweep {
-            (report::sweep_markdown(&info, &rows), "splice-sweep")
-        } else {
-            (report::pipe_sweep_markdown(&info, &rows), "pipe-sweep")
+        let (markdown, name) = match options.study {
+            Study::SpliceSweep => (report::sweep_markdown(&info, &rows), "splice-sweep"),
+            Study::AccessLogCost => (report::access_log_markdown(&info, &rows), "access-log"),
+            _ => (report::pipe_sweep_markdown(&info, &rows), "pipe-sweep"),
         };
         let path = results.join(format!("{name}-{stamp}.md"));
         write(&path, &markdown)?;

@@ -494,6 +494,48 @@ pub fn sweep_markdown(info: &RunInfo, rows: &[Row]) -> String {
     out
 }
 
+/// The access-log cost: router auto with the access log off and on, per HTTP scenario.
+pub fn access_log_markdown(info: &RunInfo, rows: &[Row]) -> String {
+    let mut out = header(info);
+    out.push_str(
+        "\n| scenario | off req/s | on req/s | on/off req/s | off CPU µs/req | on CPU µs/req | \
+         off p99 | on p99 | spread off/on |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    let mut scenarios: Vec<&str> = rows.iter().map(|r| r.scenario.as_str()).collect();
+    scenarios.dedup();
+    for scenario in scenarios {
+        let off = find(rows, scenario, "router-auto");
+        let on = find(rows, scenario, "router-accesslog");
+        let get = |row: Option<&Row>, f: fn(&Row) -> Option<f64>| row.and_then(f);
+        let _ = writeln!(
+            out,
+            "| {scenario} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+            cell(get(off, |r| r.requests_per_sec), |r| format!("{r:.0}")),
+            cell(get(on, |r| r.requests_per_sec), |r| format!("{r:.0}")),
+            cell(
+                ratio(
+                    get(on, |r| r.requests_per_sec),
+                    get(off, |r| r.requests_per_sec)
+                ),
+                times
+            ),
+            cell(get(off, |r| r.cpu_per_unit), |s| format!("{:.1}", s * 1e6)),
+            cell(get(on, |r| r.cpu_per_unit), |s| format!("{:.1}", s * 1e6)),
+            cell(get(off, |r| r.p99), latency),
+            cell(get(on, |r| r.p99), latency),
+            cell(get(off, |r| r.spread), percent),
+            cell(get(on, |r| r.spread), percent),
+        );
+    }
+    out.push_str(
+        "\non/off below 1× for req/s means the access log (written to a file) costs that much \
+         throughput; \"spread\" is (max - min) / median of req/s over the rounds (differences \
+         smaller than it are noise).\n",
+    );
+    notes(&mut out, info, rows);
+    out
+}
+
 /// The pipe sweep: router splice by pipe size, each row against the default 1 MiB pipe.
 pub fn pipe_sweep_markdown(info: &RunInfo, rows: &[Row]) -> String {
     const DEFAULT: &str = "router-splice-pipe-1m";
