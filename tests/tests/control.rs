@@ -46,6 +46,7 @@ fn backend_json(agent: &Agent, domain: &str, container: &Container) -> serde_jso
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn control_drain_weight_and_maintenance_through_ctl() {
     let domain = format!("{}.local", unique("ctl"));
     let route = format!("aliyun.routing.port_80={domain}");
@@ -134,6 +135,7 @@ fn control_drain_weight_and_maintenance_through_ctl() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn control_writes_need_the_token() {
     let agent = Agent::start(&[]);
     let write = |auth: Option<&str>| {
@@ -172,6 +174,7 @@ fn control_writes_need_the_token() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn control_overrides_survive_an_agent_restart_and_stale_ones_are_listed() {
     let domain = format!("{}.local", unique("ctl-keep"));
     let route = format!("aliyun.routing.port_80={domain}");
@@ -220,6 +223,7 @@ fn control_overrides_survive_an_agent_restart_and_stale_ones_are_listed() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn control_why_says_why_a_container_is_not_routed() {
     let domain = format!("{}.local", unique("ctl-why"));
     let agent = Agent::start(&[]);
@@ -308,6 +312,7 @@ fn row<'a>(dom: &'a str, name: &str) -> &'a str {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn control_dashboard_renders_in_headless_chromium() {
     let domain = format!("{}.local", unique("ctl-dash"));
     let route = format!("aliyun.routing.port_80={domain}");

@@ -38,6 +38,7 @@ fn metrics(agent: &Agent) -> String {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn json_access_log_names_the_backend_and_the_router_answers() {
     let domain = format!("{}.local", unique("alog"));
     let path = log_path("access-json");
@@ -96,6 +97,7 @@ fn json_access_log_names_the_backend_and_the_router_answers() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn text_access_log_and_malformed_requests() {
     let domain = format!("{}.local", unique("tlog"));
     let path = log_path("access-text");
@@ -145,6 +147,7 @@ fn text_access_log_and_malformed_requests() {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn metrics_move_with_traffic_and_forget_removed_containers() {
     let domain = format!("{}.local", unique("met"));
     let agent = Agent::start(&["--access-log", "off"]);

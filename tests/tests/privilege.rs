@@ -148,6 +148,7 @@ fn curl_backend(port: u16, domain: &str) -> String {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn privilege_a_root_agent_with_ebpf_keeps_only_the_documented_capabilities_once_serving() {
     let agent = Agent::start(&[]);
     wait_serving(&agent);
@@ -216,6 +217,7 @@ fn docker_socket_group() -> u32 {
 }
 
 #[test]
+#[ignore = "end-to-end: needs root, dockerd and the agent; run with `cargo xtask test`"]
 fn privilege_an_unprivileged_agent_with_only_net_bind_service_routes_on_a_low_port_in_userspace() {
     let unprivileged_ports_from: u16 =
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")

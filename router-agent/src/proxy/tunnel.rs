@@ -176,11 +176,11 @@ pub async fn idle_for(a: RawFd, b: RawFd, timeout: Duration) {
             })
             .min()
             .unwrap_or(timeout);
-        if quiet >= timeout {
+        let Some(left) = timeout.checked_sub(quiet).filter(|left| !left.is_zero()) else {
             return;
-        }
+        };
         // At least a few milliseconds: the stamp has jiffy resolution.
-        tokio::time::sleep((timeout - quiet).max(Duration::from_millis(5))).await;
+        tokio::time::sleep(left.max(Duration::from_millis(5))).await;
     }
 }
 
