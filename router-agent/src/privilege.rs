@@ -19,7 +19,11 @@
 //! Capabilities belong to threads, not to the process: [`drop_all_but`] refuses to run once a
 //! second thread exists, so every thread (the runtime's, the HTTP workers) inherits the
 //! reduced sets.
-use std::{fmt, sync::OnceLock};
+use std::{
+    fmt,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use caps::{CapSet, Capability, CapsHashSet};
@@ -163,19 +167,34 @@ pub fn names(set: &[Capability]) -> String {
         .join(", ")
 }
 
+/// Waits until the agent is down to one thread. A thread that was joined (the eBPF loader's)
+/// can still be listed for a moment: `join` returns once it has cleared its tid, before the
+/// kernel takes it out of the thread group. A thread still there after two seconds is a real
+/// one, and dropping now would leave it its capabilities.
+fn wait_for_one_thread() -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let threads = std::fs::read_dir("/proc/self/task")
+            .context("reading /proc/self/task")?
+            .count();
+        if threads == 1 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "capabilities must be dropped while the agent has one thread (it has {threads}): \
+                 they are per thread, and threads started before would keep them"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Reduces every capability set of this (single-threaded) process to `needed` (less what it
 /// does not hold), and sets `no_new_privs`. The bounding set shrinks only with `CAP_SETPCAP`
 /// (an unprivileged agent keeps the one it was started with; `no_new_privs` makes it moot).
 pub fn drop_all_but(needed: &[Capability]) -> anyhow::Result<Report> {
-    let threads = std::fs::read_dir("/proc/self/task")
-        .context("reading /proc/self/task")?
-        .count();
-    if threads != 1 {
-        bail!(
-            "capabilities must be dropped while the agent has one thread (it has {threads}): \
-             they are per thread, and threads started before would keep them"
-        );
-    }
+    wait_for_one_thread()?;
     let permitted = read(CapSet::Permitted)?;
     let keep: CapsHashSet = needed
         .iter()

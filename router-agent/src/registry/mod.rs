@@ -36,13 +36,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, warn};
 
-use self::{effect::Checkers, entry::Entry, remote::RemoteNodes};
 pub use self::{
-    effect::Effect,
     control::{Control, ControlError, ControlMessage, ControlReply},
+    effect::Effect,
     entry::{ContainerView, HistoryItem},
     remote::PeerEvent,
 };
+use self::{effect::Checkers, entry::Entry, remote::RemoteNodes};
 use self::{events::EventLog, overrides::Overrides};
 use crate::{
     cidr::Cidr,
