@@ -255,11 +255,8 @@ impl<'a> Api<'a> {
     }
 }
 
-fn changed_line(v: &Value, json: bool) -> String {
-    if json {
-        return format!("{v}\n");
-    }
-    let o = &v["override"];
+/// What an override object of the API sets, in words: `drained`, `maintenance`, `weight N`.
+fn override_words(o: &Value) -> Vec<String> {
     let mut set = Vec::new();
     if o["drained"] == true {
         set.push("drained".to_owned());
@@ -270,6 +267,14 @@ fn changed_line(v: &Value, json: bool) -> String {
     if let Some(w) = o["weight"].as_u64() {
         set.push(format!("weight {w}"));
     }
+    set
+}
+
+fn changed_line(v: &Value, json: bool) -> String {
+    if json {
+        return format!("{v}\n");
+    }
+    let set = override_words(&v["override"]);
     let overrides = if set.is_empty() {
         "none".to_owned()
     } else {
@@ -335,17 +340,7 @@ fn status_text(routes: &Value, overrides: &Value) -> String {
     if !overrides.is_empty() {
         out += "\noverrides (kept by container name):\n";
         for o in &overrides {
-            let ov = &o["override"];
-            let mut set = Vec::new();
-            if ov["drained"] == true {
-                set.push("drained".to_owned());
-            }
-            if ov["maintenance"] == true {
-                set.push("maintenance".to_owned());
-            }
-            if let Some(w) = ov["weight"].as_u64() {
-                set.push(format!("weight {w}"));
-            }
+            let set = override_words(&o["override"]);
             let stale = if o["stale"] == true {
                 "  (stale: not running here; `ctl clear` removes it)"
             } else {
